@@ -1,0 +1,242 @@
+"""Run one per-slide function over many slides: one bad slide never stops the batch.
+
+Shared by ``tiles``, ``extract`` and ``heatmap``: slide discovery (folder, glob, CSV, list), the
+duplicate-id check, deterministic sharding, per-slide locks and records, the manifest, interruption
+handling and the run summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import hashlib
+import logging
+import os
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DuplicateSlideIdError, InputError, NoTissueError, OutputError, WsiMilError
+from .slide import SLIDE_SUFFIXES
+from .store import RecordStore, SlideLock
+
+logger = logging.getLogger(__name__)
+
+#: statuses that count as success for the exit code
+OK_STATUSES = ("done", "skipped", "no_tissue")
+
+
+def discover_slides(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Slides from folders (recursive, by known suffix), globs, CSV files (column ``path``) or files."""
+    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(
+                sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES)
+            )
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            found.extend(_slides_from_csv(p))
+        elif p.exists():
+            found.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            if not matches:
+                raise InputError(f"No slides found at {item}: give a folder, a glob, a CSV with a 'path' column, or files.")
+            found.extend(m for m in matches if m.is_file())
+    if not found:
+        raise InputError(f"No slide files found in {', '.join(map(str, items))} (suffixes: {', '.join(SLIDE_SUFFIXES)}).")
+    check_unique_ids(found)
+    return found
+
+
+def _slides_from_csv(path: Path) -> list[Path]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in cols:
+            raise InputError(f"{path}: a slide list CSV needs a 'path' column; it has {cols}.")
+        out = []
+        for row in reader:
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if row["path"]:
+                q = Path(row["path"])
+                out.append(q if q.is_absolute() else (path.parent / q))
+        return out
+
+
+def check_unique_ids(paths: Iterable[Path]) -> None:
+    """Refuse two inputs with the same slide id (file stem) before anything is processed (R21)."""
+    by_id: dict[str, list[str]] = {}
+    for p in paths:
+        by_id.setdefault(p.stem, []).append(str(p))
+    dups = {k: v for k, v in by_id.items() if len(v) > 1}
+    if dups:
+        lines = "; ".join(f"'{k}': {', '.join(v)}" for k, v in sorted(dups.items()))
+        raise DuplicateSlideIdError(
+            f"{len(dups)} slide id(s) occur more than once (the id is the file name without suffix): {lines}. "
+            "Rename the files or process the folders separately."
+        )
+
+
+def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``"I/N"`` (0-based I) or, when absent, Slurm array / Kubernetes indexed-job variables; else ``(0, 1)``.
+
+    Slurm: ``SLURM_ARRAY_TASK_ID`` with ``SLURM_ARRAY_TASK_COUNT`` (the array must start at 0, or set
+    ``SLURM_ARRAY_TASK_MIN``). Kubernetes: ``JOB_COMPLETION_INDEX`` with ``WSI_MIL_SHARDS`` (the
+    completions count). ``WSI_MIL_SHARDS`` also overrides the Slurm count.
+    """
+    env = dict(os.environ) if env is None else env
+    if spec:
+        try:
+            i_text, n_text = spec.split("/")
+            index, count = int(i_text), int(n_text)
+        except ValueError as exc:
+            raise InputError(f"--shard must look like I/N (e.g. 0/4), got {spec!r}.") from exc
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        count = int(env.get("WSI_MIL_SHARDS") or env.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    elif "JOB_COMPLETION_INDEX" in env:
+        index = int(env["JOB_COMPLETION_INDEX"])
+        if "WSI_MIL_SHARDS" not in env:
+            raise InputError("JOB_COMPLETION_INDEX is set: also set WSI_MIL_SHARDS to the job's completions count.")
+        count = int(env["WSI_MIL_SHARDS"])
+    else:
+        return 0, 1
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"Invalid shard {index}/{count}: need 0 <= I < N.")
+    return index, count
+
+
+def shard_of(slide_id: str, count: int) -> int:
+    """Deterministic shard of a slide id, independent of the input order and of Python's hash seed."""
+    return int(hashlib.sha1(slide_id.encode("utf-8"), usedforsecurity=False).hexdigest(), 16) % count
+
+
+def select_shard(paths: Sequence[Path], index: int, count: int) -> list[Path]:
+    return [p for p in paths if shard_of(p.stem, count) == index]
+
+
+@dataclass
+class BatchSummary:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(str(r["status"]) for r in self.records)
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["status"] not in OK_STATUSES and r["status"] != "locked"]
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
+
+    def text(self) -> str:
+        counts = self.counts
+        parts = [f"{n} {s}" for s, n in sorted(counts.items())]
+        lines = [f"{len(self.records)} slide(s) in {self.seconds:.1f} s: " + (", ".join(parts) or "nothing to do")]
+        for r in self.failed:
+            lines.append(f"  FAILED {r['slide_id']}: {r.get('error_class', '')}: {r.get('error', '')}")
+        if self.interrupted:
+            lines.append("  interrupted: rerun the same command to resume")
+        return "\n".join(lines)
+
+
+ProcessFn = Callable[[Path], dict[str, Any]]
+
+
+def run_batch(
+    paths: Sequence[Path],
+    out_dir: Path,
+    process: ProcessFn,
+    columns: Sequence[str],
+    *,
+    is_done: Callable[[Path], bool] | None = None,
+    progress: bool | None = None,
+    desc: str = "slides",
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """Run ``process(path) -> record fields`` per slide with locks, records and a manifest.
+
+    ``process`` returns at least ``{"status": "done" | "no_tissue"}``; raising records ``failed``
+    with the error class and message (the batch goes on), except :class:`OutputError` for disk
+    problems, which stops the batch (every later slide would fail the same way).
+    """
+    from .progress import progress_bar
+
+    store = RecordStore(out_dir, columns)
+    summary = BatchSummary()
+    start = time.perf_counter()
+    bar = progress_bar(total=len(paths), desc=desc, unit="slide", enable=progress)
+    try:
+        for path in paths:
+            slide_id = path.stem
+            lock = SlideLock(out_dir, slide_id)
+            if not lock.acquire():
+                logger.info("%s is being processed by another process; leaving it", slide_id)
+                summary.records.append({"slide_id": slide_id, "path": str(path), "status": "locked"})
+                bar.update(1)
+                continue
+            record: dict[str, Any] = {"slide_id": slide_id, "path": str(path)}
+            t0 = time.perf_counter()
+            try:
+                if is_done is not None and is_done(path):
+                    record.update(status="skipped")
+                    old = store.read(slide_id) or {}
+                    for key in ("n_tiles", "mpp", "slide_mpp"):
+                        if key in old:
+                            record[key] = old[key]
+                else:
+                    record.update(process(path))
+            except KeyboardInterrupt:
+                record.update(status="interrupted", error_class="KeyboardInterrupt", error="interrupted by the user")
+                record["seconds"] = round(time.perf_counter() - t0, 3)
+                store.write(record)
+                summary.records.append(record)
+                summary.interrupted = True
+                raise
+            except NoTissueError as exc:
+                record.update(status="no_tissue", error_class=type(exc).__name__, error=str(exc), n_tiles=0)
+            except OutputError as exc:
+                record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+                record["seconds"] = round(time.perf_counter() - t0, 3)
+                with contextlib.suppress(OSError, OutputError):
+                    store.write(record)
+                summary.records.append(record)
+                raise
+            except WsiMilError as exc:
+                logger.warning("%s failed: %s: %s", slide_id, type(exc).__name__, exc)
+                record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+            except Exception as exc:
+                logger.error("%s failed unexpectedly:\n%s", slide_id, traceback.format_exc())
+                record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+            finally:
+                lock.release()
+            record.setdefault("seconds", round(time.perf_counter() - t0, 3))
+            store.write(record)
+            summary.records.append(record)
+            if on_record is not None:
+                on_record(record)
+            bar.update(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+        try:
+            store.write_manifest()
+        except OSError as exc:  # the disk may be full; the records are already safe
+            logger.error("could not write the manifest: %s", exc)
+    return summary

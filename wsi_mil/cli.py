@@ -1,0 +1,129 @@
+"""The ``wsi-mil`` command line: thin commands over library functions.
+
+Heavy modules (torch, timm, OpenSlide) are imported inside the commands, so ``--help`` is instant.
+This is the only place that configures logging or prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("wsi_mil.cli")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("tifffile", "PIL", "matplotlib", "h5py", "timm"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def slide_options(func: F) -> F:
+    """Options shared by every command that opens slides."""
+    options = [
+        click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default=None, help="Slide reader (default auto: OpenSlide, tiffslide fallback)."),
+        click.option("--mpp-override", type=float, default=None, help="Level-0 µm/px for every slide (when metadata lacks it or is wrong)."),
+        click.option("--mpp-override-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp with per-slide level-0 µm/px."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _fail(exc: BaseException) -> None:
+    click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wsi-mil")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+def main(verbose: int, quiet: bool) -> None:
+    """Whole-slide MIL: sample-data -> tiles / extract -> train -> predict -> heatmap."""
+    _setup_logging(verbose, quiet)
+
+
+@main.command("sample-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--slides", "n_slides", type=click.IntRange(2, 500), default=12, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--broken", is_flag=True, help="Also write a folder of broken slides (OUT/broken) for trying failure handling.")
+def sample_data(out: str, n_slides: int, seed: int, broken: bool) -> None:
+    """Build the sample cohort of pyramidal slides from real tissue: OUT/slides, labels.csv, annotations/."""
+    from .errors import WsiMilError
+    from .sample_data import build_sample_cohort, write_broken_slides
+
+    try:
+        info = build_sample_cohort(Path(out), n_slides=n_slides, seed=seed)
+        if broken:
+            write_broken_slides(Path(out) / "broken")
+    except WsiMilError as exc:
+        _fail(exc)
+    click.echo(f"sample cohort in {out}: {info}")
+
+
+@main.command("tiles")
+@click.argument("slides", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None, help="YAML config (see configs/tiles.yaml).")
+@click.option("--mpp", type=float, default=None, help="Tile resolution in µm/px (default 0.5).")
+@click.option("--tile-px", type=int, default=None, help="Tile side in pixels at --mpp (default 256).")
+@click.option("--stride-px", type=int, default=None, help="Grid stride in pixels at --mpp (default: tile side).")
+@click.option("--min-tissue", type=float, default=None, help="Minimum tissue fraction per tile (default 0.5).")
+@slide_options
+def tiles(
+    slides: tuple[str, ...],
+    out_dir: str,
+    config_path: str | None,
+    mpp: float | None,
+    tile_px: int | None,
+    stride_px: int | None,
+    min_tissue: float | None,
+    backend: str | None,
+    mpp_override: float | None,
+    mpp_override_csv: str | None,
+) -> None:
+    """Find tissue and lay a tile grid at an exact µm/px: coords HDF5, QC thumbnails, GeoJSON, manifest.
+
+    SLIDES: folders, globs, files, or a CSV with a 'path' column.
+    """
+    from .batch import discover_slides
+    from .config import TilesConfig, load_config
+    from .errors import WsiMilError
+    from .prepare import run_tiles
+
+    try:
+        cfg = load_config(
+            TilesConfig,
+            config_path,
+            {
+                "tiling.mpp": mpp,
+                "tiling.tile_px": tile_px,
+                "tiling.stride_px": stride_px,
+                "tiling.min_tissue_fraction": min_tissue,
+                "slide.backend": backend,
+                "slide.mpp_override": mpp_override,
+                "slide.mpp_override_csv": mpp_override_csv,
+            },
+        )
+        paths = discover_slides(list(slides))
+        summary = run_tiles(paths, Path(out_dir), cfg)
+    except WsiMilError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+    click.echo(f"manifest: {Path(out_dir) / 'manifest.csv'}")
+    sys.exit(summary.exit_code)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m wsi_mil`
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

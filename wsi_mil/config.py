@@ -1,0 +1,157 @@
+"""One validated configuration per command (unknown keys rejected), written next to its outputs.
+
+Each command has a pydantic model with ``extra="forbid"`` and bounded fields; the defaults live in
+``configs/<command>.yaml`` (also shipped in the package) and equal the model defaults. Values come
+from, in order of precedence: command-line flags, the YAML file given with ``--config``, defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+from .store import atomic_write_text
+
+C = TypeVar("C", bound="StrictModel")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TissueConfig(StrictModel):
+    seg_mpp: float = Field(8.0, gt=0.5, le=64.0, description="µm/px at which tissue is segmented")
+    min_saturation: int = Field(15, ge=0, le=255, description="floor under the Otsu threshold")
+    median_blur_um: float = Field(56.0, ge=0, description="median blur kernel, µm")
+    close_um: float = Field(64.0, ge=0, description="morphological close kernel, µm")
+    min_tissue_area_um2: float = Field(50_000.0, ge=0, description="smallest piece kept (0.05 mm²)")
+    min_hole_area_um2: float = Field(10_000.0, ge=0, description="smallest hole kept")
+
+
+class TilingConfig(StrictModel):
+    mpp: float = Field(0.5, gt=0.05, le=16.0, description="tile resolution, µm/px")
+    tile_px: int = Field(256, ge=16, le=4096)
+    stride_px: int | None = Field(None, ge=1, le=4096, description="default: tile_px (no overlap)")
+    min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class SlideConfig(StrictModel):
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    mpp_override: float | None = Field(None, gt=0)
+    mpp_override_csv: str | None = None
+    max_slide_px: int = Field(100_000_000_000, gt=0)
+    max_read_px: int = Field(64 * 1024 * 1024, gt=0)
+
+
+class TilesConfig(StrictModel):
+    """``wsi-mil tiles``."""
+
+    slide: SlideConfig = SlideConfig()
+    tissue: TissueConfig = TissueConfig()
+    tiling: TilingConfig = TilingConfig()
+    thumbnail_px: int = Field(1024, ge=64, le=8192)
+
+
+class ExtractConfig(StrictModel):
+    """``wsi-mil extract``."""
+
+    slide: SlideConfig = SlideConfig()
+    tissue: TissueConfig = TissueConfig()
+    tiling: TilingConfig = TilingConfig()
+    encoder: str = "tf_efficientnet_lite0"
+    weights: str | None = None
+    random_init: bool = False
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
+    batch_size: int = Field(32, ge=1, le=4096)
+    workers: int = Field(-1, ge=-1, le=64, description="-1: choose from the CPU count")
+    channels_last: bool = True
+    compile: bool = False
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    skip_unreadable_tiles: bool = False
+    thumbnail_px: int = Field(1024, ge=64, le=8192)
+
+
+# Fields that change what an extract output contains; a rerun with different values is refused.
+EXTRACT_HASH_FIELDS = ("slide", "tissue", "tiling", "encoder", "weights", "random_init", "precision", "feature_dtype")
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Config file {p} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {p} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {p} must hold a mapping of keys, not {type(data).__name__}.")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    model: type[C], path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> C:
+    """Validate ``path`` (YAML) merged with ``overrides`` (dotted keys allowed, ``None`` values ignored)."""
+    data = _read_yaml(path) if path is not None else {}
+    nested: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    data = _deep_merge(data, nested)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{loc}'")
+            else:
+                problems.append(f"'{loc}': {err['msg']}")
+        where = f" in {path}" if path is not None else ""
+        allowed = ", ".join(model.model_fields)
+        raise ConfigError(
+            f"Invalid {model.__name__}{where}: " + "; ".join(problems) + f". Top-level keys allowed: {allowed}."
+        ) from exc
+
+
+def config_hash(config: StrictModel, fields: tuple[str, ...] | None = None) -> str:
+    """Stable short hash of the fields that change outputs."""
+    data = config.model_dump(mode="json")
+    if fields is not None:
+        data = {k: data[k] for k in fields}
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_config(config: StrictModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def write_config(config: StrictModel, path: str | os.PathLike[str]) -> Path:
+    return atomic_write_text(path, dump_config(config))

@@ -1,0 +1,571 @@
+"""Slide access behind one small interface.
+
+``open_slide(path, backend="auto" | "openslide" | "tiffslide", mpp=None)`` is the only way the rest of
+wsi-mil reads slides; this module is the only one that imports openslide or tiffslide. Every read
+returns an RGB ``uint8`` array (transparent pixels composited onto white), every location is in
+level-0 pixels (x, y of the top-left corner), and every read is checked against a pixel budget
+*before* anything is allocated. Backend errors are converted to :mod:`wsi_mil.errors` here.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from .errors import (
+    InputError,
+    InvalidMPPError,
+    MissingMPPError,
+    SlideOpenError,
+    SlideReadError,
+    SlideTooLargeError,
+)
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["auto", "openslide", "tiffslide"]
+
+#: Plausible level-0 microns per pixel (100x oil is ~0.1, 5x scans are ~2; coarser is not a WSI).
+MPP_RANGE: tuple[float, float] = (0.05, 10.0)
+#: Largest slide accepted (level-0 pixels); ~ 300,000 x 330,000. Real slides stay far below.
+DEFAULT_MAX_SLIDE_PX = 100_000_000_000
+#: Largest single read (pixels); 64 Mpx is 256 MiB as RGBA.
+DEFAULT_MAX_READ_PX = 64 * 1024 * 1024
+
+MPP_REMEDY = (
+    "Give the level-0 microns per pixel yourself: `--mpp-override 0.25` for every slide, or "
+    "`--mpp-override-csv FILE` with columns slide_id,mpp for some; or rescan/export the slide with "
+    "its resolution in the metadata."
+)
+
+
+@dataclass(frozen=True)
+class SlideLimits:
+    """Pixel budgets checked before allocation."""
+
+    max_slide_px: int = DEFAULT_MAX_SLIDE_PX
+    max_read_px: int = DEFAULT_MAX_READ_PX
+
+
+class Slide(ABC):
+    """A whole-slide image: levels, level-0 microns per pixel, region and thumbnail reads.
+
+    Subclasses wrap one backend and implement only :meth:`_read_rgba`, :meth:`_open_handle` and
+    :meth:`_close_handle`; clipping, compositing, the pixel budget and error conversion live here.
+    """
+
+    backend_name: str = ""
+
+    def __init__(self, path: Path, *, mpp: float | None = None, limits: SlideLimits | None = None) -> None:
+        self.path = Path(path)
+        self.slide_id: str = self.path.stem
+        self.limits = limits or SlideLimits()
+        self._handle: Any = None
+        self._open_handle()
+        self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
+            (int(w), int(h)) for w, h in self._handle.level_dimensions
+        )
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._handle.level_downsamples)
+        self.properties: dict[str, str] = {str(k): str(v) for k, v in self._handle.properties.items()}
+        self._check_structure()
+        self.mpp: float = self._resolve_mpp(mpp)
+        self.mpp_source: str = "override" if mpp is not None else "metadata"
+
+    # --- backend hooks --------------------------------------------------------------------------
+    @abstractmethod
+    def _open_handle(self) -> None: ...
+
+    @abstractmethod
+    def _close_handle(self) -> None: ...
+
+    @abstractmethod
+    def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
+        """Read an in-bounds region; return an RGB or RGBA uint8 array of shape (h, w, 3|4)."""
+
+    @property
+    @abstractmethod
+    def backend_version(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def associated_image_names(self) -> tuple[str, ...]: ...
+
+    @abstractmethod
+    def _read_associated(self, name: str) -> Any: ...
+
+    # --- metadata -------------------------------------------------------------------------------
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def objective_power(self) -> float | None:
+        for key in ("openslide.objective-power", "tiffslide.objective-power", "aperio.AppMag"):
+            value = self.properties.get(key)
+            if value not in (None, "", "None"):
+                try:
+                    return float(str(value))
+                except ValueError:
+                    continue
+        return None
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary, recorded in outputs."""
+        return {
+            "slide_id": self.slide_id,
+            "path": str(self.path),
+            "backend": self.backend_name,
+            "backend_version": self.backend_version,
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "associated_images": list(self.associated_image_names),
+        }
+
+    def _check_structure(self) -> None:
+        w0, h0 = self.level_dimensions[0] if self.level_dimensions else (0, 0)
+        if w0 <= 0 or h0 <= 0:
+            raise SlideOpenError(f"{self.path}: the slide has no pixels (level 0 is {w0}x{h0}).")
+        if w0 * h0 > self.limits.max_slide_px:
+            raise SlideTooLargeError(
+                f"{self.path}: level 0 is {w0} x {h0} px ({w0 * h0:.3g} px), over the slide budget of "
+                f"{self.limits.max_slide_px:.3g} px. The header is probably corrupt; if the slide is real, "
+                "raise the budget with `--max-slide-px`."
+            )
+        previous = (w0, h0)
+        for level, (w, h) in enumerate(self.level_dimensions[1:], start=1):
+            ds = self.level_downsamples[level]
+            if w > previous[0] or h > previous[1] or ds < self.level_downsamples[level - 1]:
+                raise SlideOpenError(
+                    f"{self.path}: level {level} ({w}x{h}, downsample {ds:g}) is larger than the level "
+                    "before it; the pyramid is inconsistent. Re-export the slide."
+                )
+            expected_w = w0 / ds
+            if abs(w - expected_w) > max(2.0, 0.02 * expected_w):
+                raise SlideOpenError(
+                    f"{self.path}: level {level} is {w} px wide but its downsample {ds:g} implies "
+                    f"{expected_w:.0f}; the pyramid is inconsistent. Re-export the slide."
+                )
+            previous = (w, h)
+
+    def _resolve_mpp(self, override: float | None) -> float:
+        if override is not None:
+            return check_mpp(float(override), f"{self.path} (override)")
+        mpp_x, mpp_y = _mpp_from_properties(self.properties)
+        if mpp_x is None:
+            raise MissingMPPError(
+                f"Slide '{self.slide_id}' ({self.path}) does not state its microns per pixel in its metadata. "
+                + MPP_REMEDY
+            )
+        if mpp_y is not None and abs(mpp_x - mpp_y) > 0.01 * mpp_x:
+            logger.warning("%s: anisotropic pixels (mpp-x %.4f, mpp-y %.4f); using mpp-x", self.path, mpp_x, mpp_y)
+        return check_mpp(mpp_x, str(self.path))
+
+    # --- reads ----------------------------------------------------------------------------------
+    def _check_read_budget(self, w: int, h: int, what: str) -> None:
+        if w <= 0 or h <= 0:
+            raise SlideReadError(f"{self.path}: {what} of {w}x{h} px is empty.")
+        if w * h > self.limits.max_read_px:
+            raise SlideTooLargeError(
+                f"{self.path}: {what} of {w} x {h} px ({w * h:.3g} px) is over the read budget of "
+                f"{self.limits.max_read_px:.3g} px. Read a coarser level or a smaller region, or raise "
+                "`max_read_px`."
+            )
+
+    def read_region(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 ``(h, w, 3)`` of ``size_px=(w, h)`` pixels at ``level``, top-left at level-0 ``location_px``.
+
+        Areas outside the slide are white, as are transparent areas.
+        """
+        if not 0 <= level < self.level_count:
+            raise SlideReadError(f"{self.path}: level {level} does not exist (the slide has {self.level_count}).")
+        w, h = int(size_px[0]), int(size_px[1])
+        self._check_read_budget(w, h, f"a read at level {level}")
+        x0, y0 = int(location_px[0]), int(location_px[1])
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # Intersection with the level, in level pixels.
+        lx, ly = x0 / ds, y0 / ds
+        ix0, iy0 = max(0, math.floor(lx)), max(0, math.floor(ly))
+        ix1, iy1 = min(lw, math.floor(lx) + w), min(lh, math.floor(ly) + h)
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return out
+        ox, oy = ix0 - math.floor(lx), iy0 - math.floor(ly)
+        # Level-0 location of the first level pixel read: a multiple of the downsample, so that every
+        # backend starts at the same level pixel (they round sub-pixel offsets differently).
+        loc0 = (math.ceil(ix0 * ds - 1e-9), math.ceil(iy0 * ds - 1e-9))
+        try:
+            rgba = self._read_rgba(loc0, level, (ix1 - ix0, iy1 - iy0))
+        except (SlideReadError, SlideTooLargeError):
+            raise
+        except Exception as exc:  # backend errors are converted here, at the boundary
+            raise SlideReadError(
+                f"{self.path}: could not decode the region at level-0 ({x0}, {y0}), level {level}, "
+                f"size {w}x{h}: {type(exc).__name__}: {exc}. The slide file is probably corrupt at this "
+                "location; re-export it, or allow skipping unreadable tiles."
+            ) from exc
+        out[oy : oy + rgba.shape[0], ox : ox + rgba.shape[1]] = _composite_on_white(rgba)
+        return out
+
+    def best_level_for_mpp(self, mpp: float) -> int:
+        """The coarsest level whose resolution is at least as fine as ``mpp`` (never upsample if avoidable)."""
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= mpp * 1.001:
+                best = level
+        return best
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.001:
+                best = level
+        return best
+
+    def read_region_mpp(self, location_px: tuple[int, int], size_px: tuple[int, int], mpp: float) -> np.ndarray:
+        """RGB uint8 ``(h, w, 3)`` at ``mpp`` µm/px, top-left at level-0 ``location_px``.
+
+        Reads the best level (finest resolution not finer than needed) and resizes with area
+        interpolation; the level-0 footprint is ``size_px * mpp / self.mpp``.
+        """
+        w, h = int(size_px[0]), int(size_px[1])
+        self._check_read_budget(w, h, f"a read at {mpp} µm/px")
+        level = self.best_level_for_mpp(mpp)
+        scale = mpp / self.level_mpp(level)  # level pixels per output pixel (>= 1 unless upsampling)
+        src_w, src_h = max(1, round(w * scale)), max(1, round(h * scale))
+        region = self.read_region(location_px, level, (src_w, src_h))
+        if (src_w, src_h) == (w, h):
+            return region
+        interp = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
+        return np.ascontiguousarray(cv2.resize(region, (w, h), interpolation=interp))
+
+    def thumbnail_shape(self, max_side_px: int) -> tuple[int, int, float]:
+        """(width, height, downsample) of a thumbnail whose longer side is ``max_side_px``."""
+        w0, h0 = self.dimensions
+        downsample = max(w0, h0) / max_side_px
+        return max(1, round(w0 / downsample)), max(1, round(h0 / downsample)), downsample
+
+    def read_downsampled(self, downsample: float) -> np.ndarray:
+        """The whole slide at ``downsample`` relative to level 0 (e.g. for tissue detection).
+
+        Reads the best level (never level 0 unless nothing coarser fits) within the read budget.
+        """
+        w0, h0 = self.dimensions
+        out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+        self._check_read_budget(out_w, out_h, f"a whole-slide read at downsample {downsample:g}")
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        self._check_read_budget(lw, lh, f"reading level {level} whole")
+        region = self.read_region((0, 0), level, (lw, lh))
+        if (lw, lh) == (out_w, out_h):
+            return region
+        return np.ascontiguousarray(cv2.resize(region, (out_w, out_h), interpolation=cv2.INTER_AREA))
+
+    def get_thumbnail(self, max_side_px: int = 1024) -> np.ndarray:
+        """RGB uint8 thumbnail whose longer side is ``max_side_px``."""
+        _, _, downsample = self.thumbnail_shape(max_side_px)
+        return self.read_downsampled(downsample)
+
+    def read_associated_image(self, name: str) -> np.ndarray:
+        if name not in self.associated_image_names:
+            raise SlideReadError(
+                f"{self.path}: no associated image '{name}'; it has {list(self.associated_image_names)}."
+            )
+        try:
+            image = self._read_associated(name)
+        except Exception as exc:
+            raise SlideReadError(f"{self.path}: could not read associated image '{name}': {exc}") from exc
+        return _composite_on_white(np.asarray(image.convert("RGBA") if hasattr(image, "convert") else image))
+
+    # --- life cycle -----------------------------------------------------------------------------
+    def reopen(self) -> None:
+        """Open a fresh backend handle (after a decode error OpenSlide fails every later read)."""
+        self._close_handle()
+        self._open_handle()
+
+    def close(self) -> None:
+        self._close_handle()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"<{type(self).__name__} {self.slide_id} {w}x{h} mpp={self.mpp:.4f} levels={self.level_count}>"
+
+
+class OpenSlideSlide(Slide):
+    backend_name = "openslide"
+
+    def _open_handle(self) -> None:
+        import openslide
+
+        try:
+            self._handle = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise _UnsupportedFormat(str(exc)) from exc
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise SlideOpenError(f"OpenSlide could not open {self.path}: {exc}") from exc
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
+        return np.asarray(self._handle.read_region(location_px, level, size_px))
+
+    @property
+    def backend_version(self) -> str:
+        import openslide
+
+        return f"openslide-python {openslide.__version__}, OpenSlide {openslide.__library_version__}"
+
+    @property
+    def associated_image_names(self) -> tuple[str, ...]:
+        return tuple(self._handle.associated_images.keys())
+
+    def _read_associated(self, name: str) -> Any:
+        return self._handle.associated_images[name]
+
+
+class TiffSlideSlide(Slide):
+    backend_name = "tiffslide"
+
+    def _open_handle(self) -> None:
+        import tiffslide
+
+        try:
+            self._handle = tiffslide.TiffSlide(str(self.path))
+        except Exception as exc:  # tiffslide raises tifffile/zarr/ValueError variants
+            raise SlideOpenError(f"tiffslide could not open {self.path}: {type(exc).__name__}: {exc}") from exc
+
+    def _close_handle(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
+        return np.asarray(self._handle.read_region(location_px, level, size_px, as_array=True, padding=False))
+
+    @property
+    def backend_version(self) -> str:
+        import tiffslide
+
+        return f"tiffslide {tiffslide.__version__}"
+
+    @property
+    def associated_image_names(self) -> tuple[str, ...]:
+        return tuple(k for k in self._handle.associated_images.keys() if k)
+
+    def _read_associated(self, name: str) -> Any:
+        return self._handle.associated_images[name]
+
+
+class _UnsupportedFormat(Exception):
+    """OpenSlide does not recognise the format; ``auto`` may try tiffslide."""
+
+
+_BACKENDS: dict[str, type[Slide]] = {"openslide": OpenSlideSlide, "tiffslide": TiffSlideSlide}
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    backend: Backend = "auto",
+    mpp: float | None = None,
+    limits: SlideLimits | None = None,
+) -> Slide:
+    """Open a slide with OpenSlide (``auto`` falls back to tiffslide for formats OpenSlide does not know).
+
+    Raises :class:`SlideOpenError` for missing, empty, non-slide or truncated files,
+    :class:`SlideTooLargeError` when the header claims more pixels than the budget,
+    :class:`MissingMPPError` / :class:`InvalidMPPError` for unusable resolution metadata.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SlideOpenError(f"Slide file {p} does not exist. Check the path (and the mount, in Docker).")
+    if not p.is_file():
+        raise SlideOpenError(f"{p} is not a file.")
+    size = p.stat().st_size
+    if size == 0:
+        raise SlideOpenError(f"Slide file {p} is empty (0 bytes): the copy or download did not finish. Copy it again.")
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise InputError(f"Unknown slide backend {backend!r}; use auto, openslide or tiffslide.")
+    check_tiff_integrity(p)
+    if backend in ("auto", "openslide"):
+        try:
+            return OpenSlideSlide(p, mpp=mpp, limits=limits)
+        except _UnsupportedFormat as exc:
+            if backend == "openslide":
+                raise SlideOpenError(
+                    f"OpenSlide does not recognise {p} as a slide ({exc}). Check the file is a whole-slide "
+                    "image; try `--backend tiffslide` for plain pyramidal TIFFs."
+                ) from exc
+            logger.debug("OpenSlide does not know %s; trying tiffslide", p)
+    try:
+        return TiffSlideSlide(p, mpp=mpp, limits=limits)
+    except SlideOpenError as exc:
+        if backend == "auto":
+            raise SlideOpenError(
+                f"{p} is not a slide that OpenSlide or tiffslide can open ({exc}). Check the file is a "
+                "whole-slide image and that it was copied completely."
+            ) from exc
+        raise
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def check_tiff_integrity(path: Path) -> None:
+    """Refuse truncated TIFF-family files (tiffslide opens them silently with fewer levels).
+
+    Checks that the IFD chain ends inside the file and that every page's image data lies within it.
+    Non-TIFF files are left to the backends.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head not in _TIFF_MAGIC:
+        return
+    import tifffile
+
+    file_size = path.stat().st_size
+    tiff_logger = logging.getLogger("tifffile")
+    previous_level = tiff_logger.level
+    tiff_logger.setLevel(logging.CRITICAL)  # we report the problem ourselves
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            if not pages:
+                raise SlideOpenError(f"{path}: the TIFF holds no images; the file is truncated or not a slide.")
+            fmt = tif.tiff
+            for index, page in enumerate(pages):
+                offsets = getattr(page, "dataoffsets", ())
+                counts = getattr(page, "databytecounts", ())
+                end = max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
+                if end > file_size:
+                    raise SlideOpenError(
+                        f"{path} is truncated: image {index} needs {end} bytes but the file has {file_size}. "
+                        "Copy the slide again (compare its size or checksum with the source)."
+                    )
+            last = pages[-1]
+            fh = tif.filehandle
+            fh.seek(last.offset)
+            (n_tags,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
+            fh.seek(last.offset + fmt.tagnosize + n_tags * fmt.tagsize)
+            raw = fh.read(fmt.offsetsize)
+            next_ifd = struct.unpack(fmt.offsetformat, raw)[0] if len(raw) == fmt.offsetsize else -1
+            if next_ifd != 0:
+                raise SlideOpenError(
+                    f"{path} is truncated: its image directory chain points past the end of the file "
+                    f"after {len(pages)} image(s). Copy the slide again."
+                )
+    except SlideOpenError:
+        raise
+    except Exception as exc:
+        raise SlideOpenError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc}).") from exc
+    finally:
+        tiff_logger.setLevel(previous_level)
+
+
+def check_mpp(mpp: float, where: str) -> float:
+    lo, hi = MPP_RANGE
+    if not (math.isfinite(mpp) and lo <= mpp <= hi):
+        raise InvalidMPPError(
+            f"{where}: {mpp} µm/px is outside the plausible range [{lo}, {hi}] µm/px for level 0. "
+            + MPP_REMEDY
+        )
+    return mpp
+
+
+def _float_or_none(value: object) -> float | None:
+    if value in (None, "", "None"):
+        return None
+    try:
+        f = float(str(value))
+    except ValueError:
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def _mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float | None]:
+    for kx, ky in (
+        ("openslide.mpp-x", "openslide.mpp-y"),
+        ("tiffslide.mpp-x", "tiffslide.mpp-y"),
+        ("aperio.MPP", "aperio.MPP"),
+    ):
+        x = _float_or_none(props.get(kx))
+        if x is not None:
+            return x, _float_or_none(props.get(ky))
+    # TIFF resolution tags: pixels per unit.
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    res_x = _float_or_none(props.get("tiff.XResolution"))
+    if res_x is not None and unit in ("centimeter", "3"):
+        return 1e4 / res_x, None
+    if res_x is not None and unit in ("inch", "2"):
+        return 25400.0 / res_x, None
+    return None, None
+
+
+def load_mpp_overrides(csv_path: str | os.PathLike[str]) -> dict[str, float]:
+    """Read a ``slide_id,mpp`` CSV of per-slide overrides (ids are strings)."""
+    p = Path(csv_path)
+    if not p.is_file():
+        raise InputError(f"mpp override table {p} does not exist.")
+    out: dict[str, float] = {}
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        if "slide_id" not in fields or "mpp" not in fields:
+            raise InputError(f"mpp override table {p} needs columns slide_id,mpp; it has {fields}.")
+        for row_no, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            try:
+                mpp = float(row["mpp"])
+            except ValueError as exc:
+                raise InputError(f"{p}, line {row_no}: mpp {row['mpp']!r} is not a number.") from exc
+            out[row["slide_id"]] = check_mpp(mpp, f"{p}, line {row_no}")
+    return out
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    if rgba.ndim == 2:
+        return np.repeat(rgba[..., None], 3, axis=2).astype(np.uint8)
+    if rgba.shape[2] == 3:
+        return rgba.astype(np.uint8, copy=False)
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")

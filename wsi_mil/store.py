@@ -1,0 +1,252 @@
+"""Small storage layer below every stage: atomic writes, per-slide locks and records, run manifests.
+
+* Nothing is written in place: outputs go to a temp file in the destination folder and are moved
+  with ``os.replace`` once complete (a killed run leaves either nothing or a complete file).
+* Several processes may share one output folder (Slurm arrays, Kubernetes indexed jobs): each slide
+  is claimed with an exclusive ``flock`` on ``.locks/<slide_id>.lock``; the kernel drops the lock
+  when its process dies, so locks of dead processes are reclaimed without any clean-up.
+* Each processed slide leaves one JSON record (``.records/<slide_id>.json``); ``manifest.csv`` is
+  rebuilt from all records, so concurrent processes never overwrite each other's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import fcntl
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"
+
+HDF5_LOCK_HINT = (
+    "The file system refused HDF5's file lock (common on NFS/Lustre/SMB). Set the environment variable "
+    "HDF5_USE_FILE_LOCKING=FALSE and run again, or write to a local disk."
+)
+
+
+def _disk_error_message(exc: OSError, folder: Path) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"No space left while writing to {folder}: free space there or choose another --out folder."
+    if exc.errno == errno.EFBIG:
+        return f"File too large for {folder} (file size limit or file system limit): choose another --out folder."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Cannot write to {folder} ({exc.strerror}): choose a writable --out folder or fix its permissions."
+    if exc.errno == errno.ENOLCK or exc.errno == 37:
+        return HDF5_LOCK_HINT
+    return f"Could not write to {folder}: {exc}"
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    )
+
+
+def as_output_error(exc: OSError, folder: Path) -> OutputError:
+    """Convert an OS/HDF5 write error into an :class:`OutputError` that says what to do."""
+    text = str(exc)
+    if "unable to lock file" in text or "errno = 37" in text or getattr(exc, "errno", None) == 37:
+        return OutputError(f"{folder}: {HDF5_LOCK_HINT} ({text})")
+    return OutputError(_disk_error_message(exc, folder))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; move it onto ``path`` when the block succeeds.
+
+    On any exception (including ``KeyboardInterrupt``) the temp file is removed and nothing is
+    written at ``path``.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{TEMP_PREFIX}{dest.name}.", suffix=suffix if suffix is not None else dest.suffix, dir=dest.parent
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    dest = Path(path)
+    try:
+        with atomic_path(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except OSError as exc:
+        if is_disk_error(exc):
+            raise as_output_error(exc, dest.parent) from exc
+        raise
+    return dest
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Remove temp files left by killed runs in ``folder`` whose writer no longer holds a lock.
+
+    Only call while holding the corresponding slide lock (or with no other writer running).
+    """
+    n = 0
+    for p in folder.glob(f"{TEMP_PREFIX}*"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n += 1
+    return n
+
+
+def ensure_writable_dir(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` if needed and prove it is writable, before any slide is opened (R15)."""
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}probe.", dir=p)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"Output folder {p} is not writable ({exc.strerror or exc}). Choose a writable --out folder "
+            "(in Docker, mount it read-write and check the container user's permissions)."
+        ) from exc
+    return p
+
+
+class SlideLock:
+    """An exclusive, non-blocking per-slide lock shared by all processes on one output folder.
+
+    Uses ``flock`` on ``<out>/.locks/<slide_id>.lock``: the kernel releases it when the holder dies,
+    so a crashed worker's slide is picked up by the next run.
+    """
+
+    def __init__(self, out_dir: Path, slide_id: str) -> None:
+        self.path = Path(out_dir) / ".locks" / f"{slide_id}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SlideLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: Path, name: str = "run") -> Iterator[None]:
+    """A blocking exclusive lock for short critical sections (manifest rebuilds, config writes)."""
+    lock_path = Path(out_dir) / ".locks" / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class RecordStore:
+    """One JSON record per slide under ``<out>/.records``; ``manifest.csv`` is built from them."""
+
+    def __init__(self, out_dir: Path, columns: Sequence[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / ".records"
+        self.columns = list(columns)
+
+    def write(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / f"{record['slide_id']}.json", record)
+
+    def read(self, slide_id: str) -> dict[str, Any] | None:
+        p = self.dir / f"{slide_id}.json"
+        try:
+            return dict(json.loads(p.read_text(encoding="utf-8")))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def all(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(dict(json.loads(p.read_text(encoding="utf-8"))))
+            except json.JSONDecodeError:
+                logger.warning("ignoring unreadable record %s", p)
+        return out
+
+    def write_manifest(self, name: str = "manifest.csv") -> Path:
+        with folder_lock(self.out_dir, "manifest"):
+            rows = sorted(self.all(), key=lambda r: str(r.get("slide_id", "")))
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _csv_value(row.get(k)) for k in self.columns})
+            return atomic_write_text(self.out_dir / name, buf.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
