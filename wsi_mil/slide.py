@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import cv2
 import numpy as np
@@ -73,11 +73,12 @@ class Slide(ABC):
         self.limits = limits or SlideLimits()
         self._handle: Any = None
         self._open_handle()
+        handle = cast(Any, self._handle)
         self.level_dimensions: tuple[tuple[int, int], ...] = tuple(
-            (int(w), int(h)) for w, h in self._handle.level_dimensions
+            (int(w), int(h)) for w, h in handle.level_dimensions
         )
-        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._handle.level_downsamples)
-        self.properties: dict[str, str] = {str(k): str(v) for k, v in self._handle.properties.items()}
+        self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
+        self.properties: dict[str, str] = {str(k): str(v) for k, v in handle.properties.items()}
         self._check_structure()
         self.mpp: float = self._resolve_mpp(mpp)
         self.mpp_source: str = "override" if mpp is not None else "metadata"
@@ -449,8 +450,8 @@ def check_tiff_integrity(path: Path) -> None:
     Checks that the IFD chain ends inside the file and that every page's image data lies within it.
     Non-TIFF files are left to the backends.
     """
-    with open(path, "rb") as fh:
-        head = fh.read(4)
+    with open(path, "rb") as magic_fh:
+        head = magic_fh.read(4)
     if head not in _TIFF_MAGIC:
         return
     import tifffile
@@ -475,7 +476,7 @@ def check_tiff_integrity(path: Path) -> None:
                         "Copy the slide again (compare its size or checksum with the source)."
                     )
             last = pages[-1]
-            fh = tif.filehandle
+            fh: Any = tif.filehandle
             fh.seek(last.offset)
             (n_tags,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
             fh.seek(last.offset + fmt.tagnosize + n_tags * fmt.tagsize)

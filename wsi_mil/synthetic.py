@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -90,7 +90,7 @@ def write_pyramid(
     levels = [int(d) for d in downsamples if d == 1 or min(width // d, height // d) >= 16]
     if levels[0] != 1:
         levels.insert(0, 1)
-    codec: dict[str, object] = {}
+    codec: dict[str, Any] = {}
     if compression == "jpeg":
         codec = {"compression": "jpeg", "compressionargs": {"level": quality}}
     elif compression:
@@ -99,7 +99,7 @@ def write_pyramid(
     with tifffile.TiffWriter(p, bigtiff=bigtiff) as tw:
         for index, ds in enumerate(levels):
             lw, lh = width // ds, height // ds
-            common: dict[str, object] = {
+            common: dict[str, Any] = {
                 "shape": (lh, lw, 3),
                 "dtype": np.uint8,
                 "tile": (tile_px, tile_px),
@@ -127,7 +127,7 @@ def write_pyramid(
                     desc = f"Aperio Image Library v12.0.15\n{width}x{height} -> {lw}x{lh}"
                     tw.write(_tiles(render, ds, lw, lh, tile_px), description=desc, subfiletype=0, **common)
             elif fmt == "tif":
-                extra: dict[str, object] = {}
+                extra: dict[str, Any] = {}
                 if mpp is not None:
                     res = 1e4 / (mpp * ds)
                     extra = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
