@@ -124,6 +124,90 @@ def tiles(
     sys.exit(summary.exit_code)
 
 
+@main.command("extract")
+@click.argument("slides", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None, help="YAML config (see configs/extract.yaml).")
+@click.option("--encoder", default=None, help="resnet50_trunc, tf_efficientnet_lite0 (default; offline ImageNet weights) or a timm model id.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weight file (.safetensors or .pth, loaded safely).")
+@click.option("--random-init", is_flag=True, default=None, help="Random encoder weights (testing only; recorded in the output).")
+@click.option("--mpp", type=float, default=None, help="Tile resolution in µm/px (default 0.5).")
+@click.option("--tile-px", type=int, default=None, help="Tile side in pixels at --mpp (default 256).")
+@click.option("--device", default=None, help="auto (default), cpu or cuda[:N].")
+@click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 32).")
+@click.option("--workers", type=int, default=None, help="Tile-reading processes (default: 1 on CPU, up to 8 on CUDA).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: bf16 where the hardware has it, else fp32.")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
+@click.option("--skip-unreadable-tiles", is_flag=True, default=None, help="Skip and count corrupt tiles instead of failing the slide.")
+@click.option("--shard", default=None, help="I/N: process shard I of N (default from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX).")
+@click.option("--overwrite", is_flag=True, help="Recompute everything, also in a folder made with another config.")
+@slide_options
+def extract(
+    slides: tuple[str, ...],
+    out_dir: str,
+    config_path: str | None,
+    encoder: str | None,
+    weights: str | None,
+    random_init: bool | None,
+    mpp: float | None,
+    tile_px: int | None,
+    device: str | None,
+    batch_size: int | None,
+    workers: int | None,
+    precision: str | None,
+    feature_dtype: str | None,
+    compile_: bool | None,
+    skip_unreadable_tiles: bool | None,
+    shard: str | None,
+    overwrite: bool,
+    backend: str | None,
+    mpp_override: float | None,
+    mpp_override_csv: str | None,
+) -> None:
+    """Tile the tissue at an exact µm/px and stream frozen-encoder features into OUT/features/<id>.h5.
+
+    Resumable: rerun the same command after a crash or Ctrl-C; complete slides are skipped.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: huge pages, fewer faults
+    from .batch import discover_slides, parse_shard
+    from .config import ExtractConfig, load_config
+    from .errors import WsiMilError
+
+    try:
+        cfg = load_config(
+            ExtractConfig,
+            config_path,
+            {
+                "encoder": encoder,
+                "weights": weights,
+                "random_init": random_init,
+                "tiling.mpp": mpp,
+                "tiling.tile_px": tile_px,
+                "device": device,
+                "batch_size": batch_size,
+                "workers": workers,
+                "precision": precision,
+                "feature_dtype": feature_dtype,
+                "compile": compile_,
+                "skip_unreadable_tiles": skip_unreadable_tiles,
+                "slide.backend": backend,
+                "slide.mpp_override": mpp_override,
+                "slide.mpp_override_csv": mpp_override_csv,
+            },
+        )
+        shard_ix = parse_shard(shard)
+        paths = discover_slides(list(slides))
+        from .features.extract import run_extract
+
+        summary = run_extract(paths, Path(out_dir), cfg, overwrite=overwrite, shard=shard_ix)
+    except WsiMilError as exc:
+        _fail(exc)
+    click.echo(summary.text())
+    click.echo(f"features: {Path(out_dir) / 'features'}  manifest: {Path(out_dir) / 'manifest.csv'}")
+    sys.exit(summary.exit_code)
+
+
 def run() -> None:  # pragma: no cover - console entry for `python -m wsi_mil`
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()
