@@ -27,6 +27,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_mil tests benchmarks
 	$(BIN)/mypy wsi_mil
+	$(BIN)/hadolint docker/Dockerfile
 
 test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -1,0 +1,5 @@
+"""``python -m wsi_mil`` runs the command line."""
+
+from .cli import main
+
+main()
