@@ -1,0 +1,126 @@
+"""``wsi-mil heatmap``: a thin click command over :func:`wsi_mil.heatmap.run.run_heatmap`.
+
+Registered on the main group with ``main.add_command(heatmap)``. This module does not import
+``wsi_mil.cli`` (so either may be imported first); heavy modules load inside the command.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("heatmap")
+@click.argument("slides", nargs=-1, required=True)
+@click.option("--scores", "scores_dir", type=click.Path(file_okay=False), default=None,
+              help="The --out folder of `wsi-mil predict` (it holds scores/<slide_id>.h5).")
+@click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
+              help="Instead of --scores: feature bags to score first with --checkpoint (runs predict into OUT/predict).")
+@click.option("--checkpoint", "checkpoints", multiple=True,
+              help="For --features: checkpoint files, fold folders or a training run folder (repeatable; folds are averaged).")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="For --features: label CSV, so captions show the true label.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="YAML config (see configs/heatmap.yaml).")
+@click.option("--score", type=click.Choice(["attention", "probability"]), default=None,
+              help="attention (default) or the tile's own class probability.")
+@click.option("--scale", "attention_scale", type=click.Choice(["rank", "fixed"]), default=None,
+              help="Attention scale: rank percentile within each slide (default) or log2(n·α), the same on every slide.")
+@click.option("--class", "class_name", default=None,
+              help="Class for --score probability (default: the positive class of a binary model, else the predicted class).")
+@click.option("--top-k", type=int, default=None, help="Top and bottom tiles exported per slide (default 8).")
+@click.option("--canvas-mpp", type=float, default=None, help="Heatmap resolution in µm/px (default: longest side --max-side-px).")
+@click.option("--max-side-px", type=int, default=None, help="Longest heatmap side in pixels (default 2048).")
+@click.option("--smooth-um", type=float, default=None, help="Gaussian smoothing sigma in µm (default 0: none).")
+@click.option("--no-clip", is_flag=True, default=False, help="Do not clip the heatmap to the tissue mask.")
+@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default=None,
+              help="Slide reader (default auto: OpenSlide, tiffslide fallback).")
+@click.option("--mpp-override", type=float, default=None,
+              help="Level-0 µm/px for every slide (default: the slide µm/px recorded in the scores).")
+@click.option("--mpp-override-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp.")
+def heatmap(
+    slides: tuple[str, ...],
+    scores_dir: str | None,
+    features_dir: str | None,
+    checkpoints: tuple[str, ...],
+    labels_csv: str | None,
+    out_dir: str,
+    config_path: str | None,
+    score: str | None,
+    attention_scale: str | None,
+    class_name: str | None,
+    top_k: int | None,
+    canvas_mpp: float | None,
+    max_side_px: int | None,
+    smooth_um: float | None,
+    no_clip: bool,
+    backend: str | None,
+    mpp_override: float | None,
+    mpp_override_csv: str | None,
+) -> None:
+    """Heatmaps from stored tile scores: figure, top tiles, QuPath GeoJSON per slide, and OUT/index.html.
+
+    SLIDES: folders, globs, files, or a CSV with a 'path' column. Slides are matched to score files by
+    slide id. Features are never re-extracted.
+    """
+    from .batch import discover_slides
+    from .config import load_config
+    from .errors import InputError, WsiMilError
+    from .heatmap.config import HeatmapConfig
+    from .heatmap.run import run_heatmap
+
+    try:
+        if (scores_dir is None) == (features_dir is None):
+            raise InputError("Give either --scores PREDICT_OUT, or --features DIR with --checkpoint CKPT.")
+        if features_dir is not None and not checkpoints:
+            raise InputError("--features needs --checkpoint CKPT (the checkpoint(s) of `wsi-mil train`).")
+        cfg = load_config(
+            HeatmapConfig,
+            config_path,
+            {
+                "score": score,
+                "attention_scale": attention_scale,
+                "class_name": class_name,
+                "top_k": top_k,
+                "canvas_mpp": canvas_mpp,
+                "max_side_px": max_side_px,
+                "smooth_sigma_um": smooth_um,
+                "clip_to_tissue": False if no_clip else None,
+                "slide.backend": backend,
+                "slide.mpp_override": mpp_override,
+                "slide.mpp_override_csv": mpp_override_csv,
+            },
+        )
+        paths = discover_slides(list(slides))
+        if features_dir is not None:
+            scores_dir = str(_predict_first(Path(features_dir), [Path(c) for c in checkpoints], Path(out_dir), labels_csv))
+        result = run_heatmap(paths, str(scores_dir), Path(out_dir), cfg)
+    except WsiMilError as exc:
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(2)
+    click.echo(result.text())
+    if result.index_html is not None:
+        click.echo(f"review page: {result.index_html}")
+    click.echo(f"manifest: {Path(out_dir) / 'manifest.csv'}")
+    sys.exit(result.exit_code)
+
+
+def _predict_first(features_dir: Path, checkpoints: list[Path], out_dir: Path, labels_csv: str | None) -> Path:
+    """Score the feature bags with the predict library function into ``OUT/predict``; return that folder."""
+    from .errors import InputError
+
+    try:
+        from .training.predict import run_predict
+    except ImportError as exc:
+        raise InputError(
+            "--features/--checkpoint needs `wsi-mil predict` (wsi_mil.training.predict), which this installation "
+            f"lacks ({exc}). Run `wsi-mil predict FEATURES --checkpoint CKPT --out P`, then "
+            "`wsi-mil heatmap SLIDES --scores P --out DIR`."
+        ) from exc
+    predict_out = out_dir / "predict"
+    result = run_predict(features_dir, checkpoints, predict_out, labels_csv=labels_csv)
+    click.echo(result.table())
+    return predict_out
