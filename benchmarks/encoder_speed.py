@@ -1,0 +1,284 @@
+"""Encoder-alone throughput: precision x memory format x torch's huge-page allocator.
+
+For each encoder, runs every setting in its own subprocess (``THP_MEM_ALLOC_ENABLE=1`` must be set
+before torch allocates anything), interleaved over several rounds, and prints images/s (median over
+rounds), the ratio to plain fp32, and the cosine similarity of reduced-precision features to fp32
+features of the same real-tissue tiles (minimum over tiles).
+
+Timed work per batch: uint8 tiles [B, 224, 224, 3] -> ``encoder.transform`` -> model, under
+``torch.inference_mode()`` (and autocast for bf16/fp16). ``resnet50_trunc`` uses random weights (speed
+does not depend on them); ``tf_efficientnet_lite0`` its packaged ImageNet weights.
+
+    HF_HUB_OFFLINE=1 python benchmarks/encoder_speed.py --out benchmarks/results/encoder_speed.txt
+    python benchmarks/encoder_speed.py --device cuda --batch-size 256 --encoders resnet50_trunc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CPU_SETTINGS = ["fp32", "fp32+cl", "bf16", "bf16+cl"]
+CUDA_SETTINGS = ["fp32", "fp32+cl", "bf16", "bf16+cl", "fp16", "fp16+cl"]
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoders", default="resnet50_trunc,tf_efficientnet_lite0")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, default=6, help="timed batches per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches per run")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every setting")
+    p.add_argument("--tile-px", type=int, default=224)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="also write the report here")
+    # internal: one measurement
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--encoder", default="resnet50_trunc", help=argparse.SUPPRESS)
+    p.add_argument("--features-out", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _cosine_tiles(n: int, px: int) -> Any:
+    import numpy as np
+    import skimage.data
+
+    img = skimage.data.immunohistochemistry()  # real IHC colon tissue, 512 x 512
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        y, x = rng.integers(0, img.shape[0] - px + 1, size=2)
+        out.append(img[y : y + px, x : x + px])
+    return np.stack(out)
+
+
+def child(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from wsi_mil.features.encoders import autocast_context, create_encoder
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    precision, _, cl = args.setting.partition("+")
+    dev = torch.device(args.device)
+    random_init = args.encoder != "tf_efficientnet_lite0"
+    enc = create_encoder(args.encoder, random_init=random_init, device=dev)
+    if cl:
+        enc.set_channels_last(True)
+    rng = np.random.default_rng(1)
+    tiles = torch.from_numpy(
+        rng.integers(0, 256, size=(args.batch_size, args.tile_px, args.tile_px, 3), dtype=np.uint8)
+    )
+    if dev.type == "cuda":
+        tiles = tiles.pin_memory()
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def step() -> None:
+        with torch.inference_mode(), autocast_context(dev, precision):  # type: ignore[arg-type]
+            enc(enc.transform(tiles, device=dev))
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    batch_s: list[float] = []
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        tb = time.perf_counter()
+        step()
+        sync()
+        batch_s.append(time.perf_counter() - tb)
+    dt = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+
+    # preprocessing alone (uint8 -> normalised float on the device)
+    sync()
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(args.batches):
+            enc.transform(tiles, device=dev)
+    sync()
+    dt_tf = time.perf_counter() - t1
+
+    if args.features_out:
+        real = _cosine_tiles(args.batch_size, args.tile_px)
+        feats = enc.encode(real, precision=precision).cpu().numpy()  # type: ignore[arg-type]
+        np.save(args.features_out, feats)
+    print(
+        json.dumps(
+            {
+                "img_s": args.batches * args.batch_size / dt,
+                "best_batch_img_s": args.batch_size / min(batch_s),
+                "cpu_img_s": args.batches * args.batch_size / cpu * args.threads,
+                "transform_img_s": args.batches * args.batch_size / dt_tf,
+                "feature_dim": enc.feature_dim,
+                "weights": enc.weights_source,
+            }
+        )
+    )
+
+
+def _run_child(
+    args: argparse.Namespace, encoder: str, setting: str, thp: bool, features_out: str
+) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--encoder",
+        encoder,
+        "--setting",
+        setting,
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--batches",
+        str(args.batches),
+        "--warmup",
+        str(args.warmup),
+        "--tile-px",
+        str(args.tile_px),
+        "--device",
+        args.device,
+        "--features-out",
+        features_out,
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{encoder} {setting} thp={thp} failed:\n{res.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _cosines(a_path: str, b_path: str) -> tuple[float, float]:
+    """(min, mean) over tiles of the cosine similarity of two feature files."""
+    import numpy as np
+
+    a = np.load(a_path).astype(np.float64)
+    b = np.load(b_path).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min()), float(cos.mean())
+
+
+Runs = dict[tuple[str, bool], list[dict[str, Any]]]
+
+
+def _med(runs: Runs, setting: str, thp: bool, key: str) -> float:
+    return float(statistics.median(x[key] for x in runs[(setting, thp)]))
+
+
+def _best(runs: Runs, setting: str, thp: bool, key: str) -> float:
+    return float(max(x[key] for x in runs[(setting, thp)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.child:
+        child(args)
+        return 0
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    settings = CUDA_SETTINGS if cuda else CPU_SETTINGS
+    thp_modes = [False] if cuda else [False, True]
+    encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
+    lines: list[str] = []
+
+    def out(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    out("# Encoder-alone throughput (benchmarks/encoder_speed.py)")
+    out(
+        f"date {time.strftime('%Y-%m-%d %H:%M:%S')}; python {platform.python_version()}; "
+        f"torch {torch.__version__}; device {args.device}"
+        + (f" ({torch.cuda.get_device_name(0)})" if cuda and torch.cuda.is_available() else "")
+    )
+    cpu_flags = ""
+    if Path("/proc/cpuinfo").exists():
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0]
+        cpu_flags = " ".join(f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags.split())
+    out(
+        f"cpus {os.cpu_count()} (flags: {cpu_flags or '-'}); threads {args.threads}; batch {args.batch_size}; "
+        f"tiles {args.tile_px}px uint8 -> transform -> model; {args.batches} timed + {args.warmup} warm-up "
+        f"batches per run; {args.rounds} interleaved rounds, median reported"
+    )
+    out(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    t_start = time.time()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for encoder in encoders:
+            runs: Runs = {}
+            feats: dict[str, str] = {}
+            for r in range(args.rounds):
+                for setting in settings:
+                    for thp in thp_modes:
+                        fo = ""
+                        if r == 0 and not thp:
+                            fo = str(Path(tmp) / f"{encoder}_{setting}.npy")
+                            feats[setting] = fo
+                        runs.setdefault((setting, thp), []).append(
+                            _run_child(args, encoder, setting, thp, fo)
+                        )
+
+            base_wall = _med(runs, "fp32", False, "img_s")
+            base_best = _best(runs, "fp32", False, "best_batch_img_s")
+            first = runs[("fp32", False)][0]
+            out()
+            out(f"## {encoder} ({first['feature_dim']}-d, weights: {first['weights']})")
+            out(
+                f"{'setting':<9} {'THP':<4} {'wall img/s':>10} {'ratio':>6} {'best-batch':>10} {'ratio':>6} "
+                f"{'cpu-norm':>9} {'cos min/mean':>17} {'transform':>9}"
+            )
+            for setting in settings:
+                cmin, cmean = _cosines(feats["fp32"], feats[setting])
+                cos = "-" if setting == "fp32" else f"{cmin:.6f}/{cmean:.6f}"
+                for thp in thp_modes:
+                    wall = _med(runs, setting, thp, "img_s")
+                    bb = _best(runs, setting, thp, "best_batch_img_s")
+                    out(
+                        f"{setting:<9} {'on' if thp else 'off':<4} {wall:10.1f} {wall / base_wall:5.2f}x "
+                        f"{bb:10.1f} {bb / base_best:5.2f}x {_med(runs, setting, thp, 'cpu_img_s'):9.1f} {cos:>17} "
+                        f"{_med(runs, setting, thp, 'transform_img_s'):9.0f}"
+                    )
+    out()
+    out(
+        "wall img/s: median over rounds of timed images / wall time; best-batch: the fastest single batch "
+        "over all rounds (least disturbed by other processes); cpu-norm: images per process CPU-second x "
+        "threads; ratios are vs fp32 without THP; cos min/mean: minimum and mean over 32 real-tissue tiles "
+        "(IHC) of the cosine similarity to fp32 features; transform: uint8 -> normalised float alone, img/s."
+    )
+    out()
+    out(
+        f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; took {time.time() - t_start:.0f} s"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
