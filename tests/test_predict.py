@@ -1,0 +1,126 @@
+"""`wsi-mil predict`: planted tiles ranked first by the attention, fold averaging, R24 refusals."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from _train_data import bag_attrs, planted_cohort, write_bag
+from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
+
+from wsi_mil.cli_train import predict
+from wsi_mil.errors import FeatureSpecMismatchError
+from wsi_mil.mil import create_model
+from wsi_mil.training.checkpoint import load_checkpoint, save_checkpoint
+from wsi_mil.training.config import TrainConfig
+from wsi_mil.training.datasets import FeatureSpec
+from wsi_mil.training.predict import predict_bag, run_predict
+from wsi_mil.training.run import run_train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A loss-attention run on a planted cohort (2 folds)."""
+    root = tmp_path_factory.mktemp("planted")
+    cohort = planted_cohort(root / "train", n_slides=40, dim=16, shift=4.0, planted_fraction=(0.05, 0.15))
+    config = TrainConfig.model_validate(
+        {
+            "model": {"hidden_dims": [32], "dropout": 0.0},
+            "training": {"epochs": 20, "lr": 0.002, "device": "cpu", "early_stopping_patience": None},
+            "splits": {"folds": 2},
+            "metrics": {"n_bootstrap": 100},
+        }
+    )
+    result = run_train(cohort.features_dir, cohort.labels_csv, root / "run", config)
+    return root, result
+
+
+def test_attention_ranks_planted_tiles_first(trained):
+    """Evidence (1): on new slides, planted tiles get the highest attention (tile-level AUC >= 0.95)."""
+    root, result = trained
+    assert result.metrics["pooled_out_of_fold"]["auc"]["value"] >= 0.9
+    new = planted_cohort(root / "new", n_slides=20, dim=16, shift=4.0, planted_fraction=(0.05, 0.15), seed=11)
+    out = run_predict(new.features_dir, [root / "run"], root / "pred", labels_csv=new.labels_csv)
+    assert out.metrics is not None and out.metrics["auc"]["value"] >= 0.95
+    per_slide, top_is_planted = [], []
+    for slide_id, planted in new.planted.items():
+        if not planted.any():
+            continue
+        with h5py.File(root / "pred" / "scores" / f"{slide_id}.h5") as f:
+            attention = f["attention"][:]
+            tumor_prob = f["instance_probabilities"][:, 1]
+        per_slide.append(roc_auc_score(planted, attention))
+        top_is_planted.append(planted[np.argmax(attention)])
+        assert roc_auc_score(planted, tumor_prob) >= 0.9  # the tile's own class probability agrees
+    assert np.mean(per_slide) >= 0.95, per_slide
+    assert np.mean(top_is_planted) >= 0.9
+
+
+def test_fold_checkpoints_are_averaged(trained, tmp_path):
+    root, _ = trained
+    folds = [load_checkpoint(root / "run" / f"fold_{k}") for k in range(2)]
+    x = torch.randn(40, 16)
+    both = predict_bag([c.model for c in folds], x)
+    single = [predict_bag([c.model], x) for c in folds]
+    np.testing.assert_allclose(both.bag_probabilities, (single[0].bag_probabilities + single[1].bag_probabilities) / 2, rtol=1e-6)
+    np.testing.assert_allclose(both.attention, (single[0].attention + single[1].attention) / 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        both.instance_probabilities, (single[0].instance_probabilities + single[1].instance_probabilities) / 2, rtol=1e-5
+    )
+    assert both.attention.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_features_that_do_not_fit_the_checkpoint_are_refused(tmp_path):
+    spec = FeatureSpec("test_encoder", 16, 0.5, 224, "ab" * 32, "0.1.0")
+    save_checkpoint(tmp_path / "ckpt", create_model("loss_attention", 16, 2, hidden_dims=(8,)), ["n", "t"], spec)
+    rng = np.random.default_rng(0)
+    cases = {
+        "dim": (rng.normal(size=(5, 32)).astype(np.float32), bag_attrs("x", 32), "feature_dim: expected 16, got 32"),
+        "encoder": (rng.normal(size=(5, 16)).astype(np.float32), bag_attrs("x", 16, encoder="uni"), "encoder_name: expected 'test_encoder', got 'uni'"),
+        "mpp": (rng.normal(size=(5, 16)).astype(np.float32), bag_attrs("x", 16, mpp=1.0), "tile mpp: expected 0.5 µm/px, got 1.0 µm/px"),
+        "px": (rng.normal(size=(5, 16)).astype(np.float32), bag_attrs("x", 16, tile_px=256), "tile_px: expected 224, got 256"),
+    }
+    for name, (features, attrs, expected) in cases.items():
+        write_bag(tmp_path / name / "x.h5", features, attrs=attrs)
+        with pytest.raises(FeatureSpecMismatchError) as info:
+            run_predict(tmp_path / name, [tmp_path / "ckpt"], tmp_path / f"out_{name}")
+        assert expected in str(info.value) and "'x'" in str(info.value)
+        assert not (tmp_path / f"out_{name}").exists()  # refused before anything is written
+    result = CliRunner().invoke(predict, [str(tmp_path / "encoder"), "--checkpoint", str(tmp_path / "ckpt" / "model.json"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "FeatureSpecMismatchError" in result.output and "expected 'test_encoder'" in result.output
+
+
+def test_predict_skips_empty_and_non_finite_bags(tmp_path):
+    spec = FeatureSpec("test_encoder", 8, 0.5, 224, "ab" * 32, "0.1.0")
+    save_checkpoint(tmp_path / "ckpt", create_model("abmil", 8, 2, hidden_dims=(8,)), ["n", "t"], spec)
+    f = tmp_path / "f"
+    write_bag(f / "ok.h5", np.ones((4, 8), np.float32))
+    write_bag(f / "empty.h5", np.zeros((0, 8), np.float32))
+    x = np.ones((4, 8), np.float32)
+    x[0, 0] = np.inf
+    with h5py.File(f / "inf.h5", "w") as h:
+        h.create_dataset("features", data=x)
+        h.create_dataset("coords", data=np.zeros((4, 2), np.int64))
+        for k, v in {**bag_attrs("inf", 8), "complete": True}.items():
+            h.attrs[k] = v
+    result = CliRunner().invoke(predict, [str(f), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output  # a slide could not be predicted
+    assert sorted(p.name for p in (tmp_path / "o" / "scores").iterdir()) == ["ok.h5"]
+    summary = json.loads((tmp_path / "o" / "predict.json").read_text())
+    assert summary["skipped"] == {"empty": ["empty"], "non_finite": ["inf"]} and summary["n_predicted"] == 1
+    with h5py.File(tmp_path / "o" / "scores" / "ok.h5") as h:
+        assert h.attrs["label"] == "" and h.attrs["model_name"] == "abmil"
+    strict = CliRunner().invoke(predict, [str(f), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "s"), "--strict"])
+    assert strict.exit_code == 2 and "'inf'" in strict.output and not (tmp_path / "s").exists()

@@ -1,0 +1,301 @@
+"""``wsi-mil predict``: apply one or more checkpoints (e.g. the folds of a run) to feature bags.
+
+Outputs in ``OUT``::
+
+    predictions.csv      slide_id,case_id,label,prob_<class>...,predicted,n_tiles
+                         (probabilities averaged over the checkpoints; case_id/label empty without --labels)
+    scores/<slide_id>.h5 per-tile read-outs for heatmaps (written atomically):
+        coords                  int64   [N, 2]  level-0 top-left x, y (-1 when the layout has none)
+        attention               float32 [N]     averaged over checkpoints, sums to 1
+        instance_probabilities  float32 [N, K]  each tile's class probabilities from the shared classifier
+        attributes: slide_id, class_names (JSON list), bag_probabilities (JSON list), predicted_class,
+                    label ("" when unknown), model (and model_name, the same), n_checkpoints, tile_px, mpp, footprint_px,
+                    slide_mpp, encoder_name, source_feature_file (unknown numbers: -1 / NaN, text: "")
+    predict.json         checkpoints, classes, counts, skipped slides
+    metrics.json         with --labels: metrics with bootstrap CIs over the labelled, predicted slides
+
+Features that do not fit the checkpoints' feature spec are refused before anything is predicted (R24).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsi_mil import __version__
+from wsi_mil.bags import h5_open
+from wsi_mil.errors import CheckpointError, InputError
+from wsi_mil.store import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from wsi_mil.training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
+from wsi_mil.training.config import PredictConfig, resolve_device
+from wsi_mil.training.datasets import (
+    BagInfo,
+    check_spec,
+    discover_features,
+    read_coords,
+    read_features,
+    scan_bags,
+    spec_differences,
+)
+from wsi_mil.training.labels import read_labels
+from wsi_mil.training.metrics import bootstrap_metrics, format_metrics_table
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PredictResult", "SlideScores", "predict_bag", "run_predict", "write_scores"]
+
+
+@dataclass
+class SlideScores:
+    """Averaged read-outs of one slide."""
+
+    bag_probabilities: np.ndarray  # [K] float64
+    attention: np.ndarray  # [N] float32
+    instance_probabilities: np.ndarray  # [N, K] float32
+
+
+@dataclass
+class PredictResult:
+    out_dir: Path
+    classes: list[str]
+    n_predicted: int
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """1 when a slide could not be predicted because of bad features (NaN/Inf), else 0."""
+        return 1 if self.skipped.get("non_finite") else 0
+
+    def table(self) -> str:
+        lines = [f"predicted {self.n_predicted} slide(s) into {self.out_dir}"]
+        for reason, ids in self.skipped.items():
+            if ids:
+                lines.append(f"skipped ({reason}): {len(ids)}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+        if self.metrics is not None:
+            lines.append(format_metrics_table([("labelled", self.metrics)]))
+        return "\n".join(lines)
+
+
+def _consistent(checkpoints: Sequence[Checkpoint]) -> None:
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other.classes != first.classes:
+            raise CheckpointError(
+                f"checkpoints disagree on the classes: {first.path} has {first.classes}, {other.path} has "
+                f"{other.classes}; average only checkpoints of one task."
+            )
+        diffs = spec_differences(first.feature_spec, other.feature_spec)
+        if diffs:
+            raise CheckpointError(
+                f"checkpoints were trained on different features ({first.path} vs {other.path}): {'; '.join(diffs)}."
+            )
+
+
+def predict_bag(models: Sequence[torch.nn.Module], features: torch.Tensor) -> SlideScores:
+    """Average bag probabilities, attention and tile probabilities of ``models`` on one bag ``[n, d]``."""
+    bag = None
+    attention = None
+    instances = None
+    with torch.inference_mode():
+        for model in models:
+            out = model(features)
+            probs = out.bag_probabilities().double()
+            att = out.attention.double()
+            inst = out.instance_probabilities()
+            if inst is None:
+                raise CheckpointError(f"model {type(model).__name__} gives no per-tile probabilities")
+            inst = inst.double()
+            bag = probs if bag is None else bag + probs
+            attention = att if attention is None else attention + att
+            instances = inst if instances is None else instances + inst
+    assert bag is not None and attention is not None and instances is not None
+    n = len(models)
+    return SlideScores(
+        bag_probabilities=(bag / n).cpu().numpy(),
+        attention=(attention / n).float().cpu().numpy(),
+        instance_probabilities=(instances / n).float().cpu().numpy(),
+    )
+
+
+def write_scores(
+    path: Path,
+    coords: np.ndarray,
+    scores: SlideScores,
+    attrs: dict[str, Any],
+) -> Path:
+    """Write a scores file atomically (temp file in the same folder, then ``os.replace``)."""
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5_open(tmp, "w") as f:
+            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
+            f.create_dataset("attention", data=scores.attention.astype(np.float32))
+            f.create_dataset("instance_probabilities", data=scores.instance_probabilities.astype(np.float32))
+            for key, value in attrs.items():
+                f.attrs[key] = value
+    return path
+
+
+def _num(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _int(value: int | None) -> int:
+    return -1 if value is None else int(value)
+
+
+def run_predict(
+    features: str | os.PathLike[str],
+    checkpoints: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    config: PredictConfig | None = None,
+    labels_csv: str | os.PathLike[str] | None = None,
+    progress: bool | None = None,
+) -> PredictResult:
+    """Predict every bag under ``features`` with the averaged ``checkpoints``.
+
+    Args:
+        features: a feature folder or one bag file (see :mod:`~wsi_mil.training.datasets`).
+        checkpoints: ``model.json``/``model.safetensors`` files, fold folders, or training run folders.
+        out_dir: output folder (see the module docstring).
+        labels_csv: optional label table; adds ``label``/``case_id`` and ``metrics.json``.
+
+    Raises:
+        CheckpointError, FeatureSpecMismatchError (R24), BagFileError, InputError, LabelTableError.
+    """
+    from wsi_mil.progress import progress_bar
+
+    cfg = config or PredictConfig()
+    t_start = time.perf_counter()
+    sidecars = resolve_checkpoints(checkpoints)
+    loaded = [load_checkpoint(s) for s in sidecars]
+    _consistent(loaded)
+    classes = loaded[0].classes
+    spec = loaded[0].feature_spec
+    names = sorted({c.model_name for c in loaded})
+    model_name = "+".join(names)
+    logger.info("%d checkpoint(s) of %s, classes %s", len(loaded), model_name, classes)
+
+    folder = discover_features(features)
+    label_of: dict[str, str] = {}
+    case_of: dict[str, str] = {}
+    labelled_without_features: list[str] = []
+    if labels_csv is not None:
+        table = read_labels(
+            labels_csv, cfg.labels.id_col, cfg.labels.label_col, cfg.labels.case_col, classes=classes, min_classes=1
+        )
+        label_of, case_of = table.label_of(), table.case_of()
+        labelled_without_features = [s for s in table.slide_ids if s not in folder.sources]
+        if labelled_without_features:
+            logger.warning(
+                "%d labelled slide(s) have no feature file: %s",
+                len(labelled_without_features),
+                labelled_without_features[:10],
+            )
+    # Under --strict every bag is checked for NaN/Inf before anything is written; otherwise each bag is
+    # checked as it is read for prediction (one read pass instead of two).
+    scan = scan_bags(list(folder.sources.values()), check_finite=cfg.strict, strict=cfg.strict, progress=progress)
+    infos: list[BagInfo] = list(scan.infos.values())
+    check_spec(spec, infos, what=f"the checkpoint {sidecars[0]}")
+    if not infos:
+        raise InputError(f"no usable feature bags under {folder.root}.")
+
+    out = ensure_writable_dir(out_dir)
+    device = torch.device(resolve_device(cfg.device))
+    models = [c.model.to(device).eval() for c in loaded]
+    rows: list[dict[str, Any]] = []
+    y_true: list[int] = []
+    y_prob: list[np.ndarray] = []
+    with progress_bar(total=len(infos), desc="predicting", unit="slide", enable=progress) as bar:
+        for info in infos:
+            source = info.source
+            array = read_features(source)
+            if not np.isfinite(array).all():
+                logger.warning("slide %r holds NaN/Inf features; skipped (re-extract it)", source.slide_id)
+                scan.non_finite.append(source.slide_id)
+                bar.update(1)
+                continue
+            x = torch.from_numpy(array).to(device)
+            del array
+            scores = predict_bag(models, x)
+            del x
+            coords = read_coords(source, info.n_tiles)
+            predicted = classes[int(np.argmax(scores.bag_probabilities))]
+            label = label_of.get(source.slide_id, "")
+            attrs = {
+                "slide_id": source.slide_id,
+                "class_names": json.dumps(classes),
+                "bag_probabilities": json.dumps([float(v) for v in scores.bag_probabilities]),
+                "predicted_class": predicted,
+                "label": label,
+                "model": model_name,
+                "model_name": model_name,
+                "n_checkpoints": len(models),
+                "tile_px": _int(info.spec.tile_px),
+                "mpp": _num(info.spec.mpp),
+                "footprint_px": _int(info.footprint_px),
+                "slide_mpp": _num(info.slide_mpp),
+                "encoder_name": info.spec.encoder_name or "",
+                "source_feature_file": str(source.path),
+                "wsi_mil_version": __version__,
+            }
+            write_scores(out / "scores" / f"{source.slide_id}.h5", coords, scores, attrs)
+            rows.append(
+                {
+                    "slide_id": source.slide_id,
+                    "case_id": case_of.get(source.slide_id, ""),
+                    "label": label,
+                    **{f"prob_{c}": float(p) for c, p in zip(classes, scores.bag_probabilities, strict=True)},
+                    "predicted": predicted,
+                    "n_tiles": info.n_tiles,
+                }
+            )
+            if label:
+                y_true.append(classes.index(label))
+                y_prob.append(scores.bag_probabilities)
+            bar.update(1)
+
+    columns = ["slide_id", "case_id", "label", *(f"prob_{c}" for c in classes), "predicted", "n_tiles"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(out / "predictions.csv", buf.getvalue())
+
+    metrics = None
+    if y_true:
+        metrics = bootstrap_metrics(
+            np.asarray(y_true), np.stack(y_prob), cfg.metrics.n_bootstrap, cfg.metrics.ci_level, seed=0
+        )
+        atomic_write_json(out / "metrics.json", {"classes": classes, "labelled": metrics})
+    skipped = {"empty": scan.empty, "non_finite": scan.non_finite}
+    atomic_write_json(
+        out / "predict.json",
+        {
+            "checkpoints": [str(s) for s in sidecars],
+            "model_name": model_name,
+            "classes": classes,
+            "feature_spec": spec.to_json(),
+            "feature_folder": str(folder.root),
+            "layout": folder.layout,
+            "n_feature_files": len(folder),
+            "n_predicted": len(rows),
+            "skipped": skipped,
+            "labelled_without_features": labelled_without_features,
+            "device": str(device),
+            "seconds": round(time.perf_counter() - t_start, 2),
+            "wsi_mil_version": __version__,
+        },
+    )
+    return PredictResult(out_dir=out, classes=classes, n_predicted=len(rows), skipped=skipped, metrics=metrics)
