@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 
 demo: $(STAMP)
 	$(BIN)/wsi-mil sample-data $(DEMO)/cohort --broken
-	$(BIN)/wsi-mil tiles $(DEMO)/cohort/slides --out $(DEMO)/tiles
-	@echo "demo outputs in $(DEMO)/"
+	$(BIN)/wsi-mil extract $(DEMO)/cohort/slides --out $(DEMO)/extract
+	$(BIN)/wsi-mil train $(DEMO)/extract/features --labels $(DEMO)/cohort/labels.csv --out $(DEMO)/train --overwrite
+	$(BIN)/wsi-mil predict $(DEMO)/extract/features --checkpoint $(DEMO)/train --labels $(DEMO)/cohort/labels.csv --out $(DEMO)/predict
+	$(BIN)/wsi-mil heatmap $(DEMO)/cohort/slides --scores $(DEMO)/predict --out $(DEMO)/heatmaps
+	@echo "--- broken slides: the good one is extracted, each broken one is reported (non-zero exit expected)"
+	-$(BIN)/wsi-mil -q extract $(DEMO)/cohort/broken --out $(DEMO)/extract_broken
+	@echo "demo outputs in $(DEMO)/ ; review page: $(DEMO)/heatmaps/index.html"
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_mil tests benchmarks
