@@ -135,7 +135,7 @@ def tiles(
 @click.option("--tile-px", type=int, default=None, help="Tile side in pixels at --mpp (default 256).")
 @click.option("--device", default=None, help="auto (default), cpu or cuda[:N].")
 @click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 32).")
-@click.option("--workers", type=int, default=None, help="Tile-reading processes (default: 1 on CPU, up to 8 on CUDA).")
+@click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N loader processes; default: a reading thread on CPU, up to 8 processes on CUDA.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: bf16 where the hardware has it, else fp32.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
@@ -203,9 +203,23 @@ def extract(
         summary = run_extract(paths, Path(out_dir), cfg, overwrite=overwrite, shard=shard_ix)
     except WsiMilError as exc:
         _fail(exc)
+    except KeyboardInterrupt:  # before or after the batch (inside it the summary records it)
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
     click.echo(summary.text())
     click.echo(f"features: {Path(out_dir) / 'features'}  manifest: {Path(out_dir) / 'manifest.csv'}")
     sys.exit(summary.exit_code)
+
+
+def _register_commands() -> None:
+    from .cli_heatmap import heatmap
+    from .cli_train import predict, train
+
+    for command in (train, predict, heatmap):
+        main.add_command(command)
+
+
+_register_commands()
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m wsi_mil`
