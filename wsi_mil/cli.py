@@ -68,7 +68,11 @@ def sample_data(out: str, n_slides: int, seed: int, broken: bool) -> None:
             write_broken_slides(Path(out) / "broken")
     except WsiMilError as exc:
         _fail(exc)
-    click.echo(f"sample cohort in {out}: {info}")
+    state = "built" if info.built else "already complete, reused"
+    click.echo(
+        f"sample cohort ({state}): {len(info.slides)} slides ({len(info.positives)} tumor, {len(info.negatives)} normal) "
+        f"in {info.slides_dir}; labels {info.labels_csv}; lesion annotations {info.annotations_dir}"
+    )
 
 
 @main.command("tiles")
