@@ -8,6 +8,8 @@ with another config hash, or whose datasets disagree is never taken as done.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BagFileError, OutputError
-from .store import HDF5_LOCK_HINT, TEMP_PREFIX, as_output_error
+from .store import HDF5_LOCK_HINT, as_output_error, is_disk_error, is_lock_error, temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -26,26 +28,14 @@ FEATURES = "features"
 COORDS = "coords"
 
 
-def _is_lock_error(exc: BaseException) -> bool:
-    text = str(exc)
-    return "unable to lock file" in text or "errno = 37" in text or getattr(exc, "errno", None) == 37
-
-
-def _is_disk_error_text(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return any(
-        s in text for s in ("errno = 27", "errno = 28", "file too large", "no space left", "errno = 122")
-    ) or getattr(exc, "errno", None) in (27, 28, 122)
-
-
-def h5_open(path: str | os.PathLike[str], mode: str = "r") -> Any:
+def h5_open(path: str | os.PathLike[str] | _GuardedFile, mode: str = "r", **kwargs: Any) -> Any:
     """``h5py.File`` with lock failures turned into an error that says what to do (R27)."""
     import h5py
 
     try:
-        return h5py.File(path, mode)
+        return h5py.File(path, mode, **kwargs)
     except OSError as exc:
-        if _is_lock_error(exc):
+        if is_lock_error(exc):
             raise OutputError(f"{path}: {HDF5_LOCK_HINT} ({exc})") from exc
         raise
 
@@ -60,11 +50,88 @@ def _attr_value(value: Any) -> Any:
     return value
 
 
+class _GuardedFile:
+    """A binary file for h5py's ``fileobj`` driver that never lets HDF5 see a failed write.
+
+    After a failed write (disk full, file too large) HDF5 cannot close the file and the process later
+    crashes when HDF5 tears down (measured with h5py 3.16: a segfault at exit). Here the first I/O
+    error is kept in :attr:`error` and HDF5 is told the write succeeded; :class:`BagWriter` checks
+    :attr:`error` after every append and at the end, raises it, and deletes the (garbage) temp file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "w+b", buffering=0)  # noqa: SIM115 - closed by close()
+        self.error: OSError | None = None
+
+    def _fail(self, exc: OSError) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def readinto(self, buf: Any) -> int:
+        try:
+            return int(self._fh.readinto(buf) or 0)
+        except OSError as exc:
+            self._fail(exc)
+            return 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._fh.read(size) or b""
+        except OSError as exc:
+            self._fail(exc)
+            return b""
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        if self.error is None:
+            try:
+                done = 0
+                while done < view.nbytes:  # unbuffered writes may be partial
+                    done += self._fh.write(view[done:]) or 0
+            except OSError as exc:
+                self._fail(exc)
+        return view.nbytes
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def truncate(self, size: int | None = None) -> int:
+        try:
+            return self._fh.truncate(size)
+        except OSError as exc:
+            self._fail(exc)
+            return self._fh.tell() if size is None else size
+
+    def flush(self) -> None:
+        return None  # unbuffered
+
+    def fsync(self) -> None:
+        try:
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self._fail(exc)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+#: target size of one HDF5 chunk; chunks must fit the chunk cache, or every append re-reads and
+#: re-writes a whole chunk
+CHUNK_BYTES = 1 << 20
+
+
 class BagWriter:
     """Stream features and coords of one slide into ``<dest>`` through a temp file in the same folder.
 
-    Use as a context manager: on success the file is marked complete and moved into place; on any
-    error (including ``KeyboardInterrupt``) the temp file is removed.
+    Use as a context manager: on success the file is marked complete, synced and moved into place; on
+    any error (including ``KeyboardInterrupt``) the temp file is removed. Write errors that mean the
+    output location is full or unwritable (disk full, file too large, read-only) become
+    :class:`OutputError` naming the folder, so a batch stops at once instead of failing every slide.
+    With ``expected_rows`` the free space and the file-size limit are checked before anything is
+    written, so a slide that cannot fit fails before its tiles are encoded.
     """
 
     def __init__(
@@ -73,21 +140,69 @@ class BagWriter:
         feature_dim: int,
         attrs: Mapping[str, Any],
         feature_dtype: str = "float32",
-        chunk_rows: int = 1024,
+        chunk_rows: int | None = None,
+        expected_rows: int | None = None,
     ) -> None:
         self.dest = Path(dest)
         self.feature_dim = int(feature_dim)
         self.attrs = dict(attrs)
         self.feature_dtype = np.dtype(feature_dtype)
-        self.chunk_rows = chunk_rows
-        self.tmp = self.dest.parent / f"{TEMP_PREFIX}{self.dest.name}.{os.getpid()}"
+        row_bytes = self.feature_dim * self.feature_dtype.itemsize
+        self.chunk_rows = int(chunk_rows or min(1024, max(16, CHUNK_BYTES // max(1, row_bytes))))
+        self.expected_rows = expected_rows
+        self.tmp = temp_name(self.dest)
         self.n = 0
         self._file: Any = None
+        self._io: _GuardedFile | None = None
+
+    def expected_bytes(self, rows: int) -> int:
+        """A generous estimate of the finished file's size for ``rows`` tiles."""
+        chunks = -(-max(rows, 1) // self.chunk_rows)
+        data = chunks * self.chunk_rows * (self.feature_dim * self.feature_dtype.itemsize + 16)
+        return int(data * 1.02) + (256 << 10)
+
+    def _check_room(self, rows: int) -> None:
+        """Fail fast when the file cannot fit: the free space and ``RLIMIT_FSIZE`` (``ulimit -f``)."""
+        need = self.expected_bytes(rows)
+        folder = self.dest.parent
+        try:
+            import resource
+
+            soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        except (ImportError, OSError, ValueError):
+            soft = -1
+        if soft >= 0 and soft != getattr(resource, "RLIM_INFINITY", -1) and need > soft:
+            raise as_output_error(
+                OSError(errno.EFBIG, f"a {need / 1e6:.1f} MB feature file exceeds the file size limit of "
+                        f"{soft / 1e6:.1f} MB"),
+                folder,
+            )
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise as_output_error(
+                OSError(errno.ENOSPC, f"{need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free"), folder
+            )
+
+    def _raise_io_error(self) -> None:
+        if self._io is not None and self._io.error is not None:
+            exc = self._io.error
+            converted = as_output_error(exc, self.dest.parent) if is_disk_error(exc) else exc
+            if converted is exc:
+                raise exc
+            raise converted from exc
 
     def __enter__(self) -> BagWriter:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._file = h5_open(self.tmp, "w")
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            if self.expected_rows is not None:
+                self._check_room(self.expected_rows)
+            self._io = _GuardedFile(self.tmp)
+            chunk_bytes = self.chunk_rows * self.feature_dim * self.feature_dtype.itemsize
+            self._file = h5_open(self._io, "w", rdcc_nbytes=max(1 << 20, 4 * chunk_bytes))
             f = self._file
             f.create_dataset(
                 FEATURES,
@@ -98,6 +213,12 @@ class BagWriter:
             )
             f.create_dataset(COORDS, shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(self.chunk_rows, 2))
             f.attrs["complete"] = False
+            self._raise_io_error()
+        except OSError as exc:
+            self._discard()
+            if is_disk_error(exc):
+                raise as_output_error(exc, self.dest.parent) from exc
+            raise
         except BaseException:
             self._discard()
             raise
@@ -108,33 +229,31 @@ class BagWriter:
         features = np.asarray(features)
         coords = np.asarray(coords, dtype=np.int64)
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise BagFileError(f"features of shape {features.shape} do not match dimension {self.feature_dim}")
-        if len(features) != len(coords):
-            raise BagFileError(f"{len(features)} feature rows but {len(coords)} coords")
+            raise BagFileError(
+                f"{self.dest.stem}: features of shape {features.shape} do not match dimension {self.feature_dim}"
+            )
+        if coords.ndim != 2 or coords.shape[1] != 2 or len(features) != len(coords):
+            raise BagFileError(f"{self.dest.stem}: {len(features)} feature rows but coords of shape {coords.shape}")
         finite = np.isfinite(features)
         if not finite.all():
             bad_rows = np.flatnonzero(~finite.all(axis=1))
             where = ", ".join(f"({coords[i, 0]}, {coords[i, 1]})" for i in bad_rows[:5])
             raise BagFileError(
-                f"{len(bad_rows)} tile(s) gave NaN/Inf features (first at level-0 {where}); the file is not written. "
-                "Try --precision fp32; if it persists the encoder weights are broken."
+                f"{self.dest.stem}: {len(bad_rows)} tile(s) gave NaN/Inf features (first at level-0 {where}); "
+                "the file is not written. Try --precision fp32; if it persists the encoder weights are broken."
             )
         if self.feature_dtype == np.float16 and np.abs(features).max(initial=0) > 65504:
-            raise BagFileError("features overflow float16; use feature_dtype float32")
+            raise BagFileError(f"{self.dest.stem}: features overflow float16; use --feature-dtype float32")
         k = len(features)
         if k == 0:
             return
-        try:
-            f = self._file
-            f[FEATURES].resize(self.n + k, axis=0)
-            f[FEATURES][self.n : self.n + k] = features.astype(self.feature_dtype, copy=False)
-            f[COORDS].resize(self.n + k, axis=0)
-            f[COORDS][self.n : self.n + k] = coords
-        except OSError as exc:
-            if _is_disk_error_text(exc):
-                raise as_output_error(exc, self.dest.parent) from exc
-            raise
+        f = self._file
+        f[FEATURES].resize(self.n + k, axis=0)
+        f[FEATURES][self.n : self.n + k] = features.astype(self.feature_dtype, copy=False)
+        f[COORDS].resize(self.n + k, axis=0)
+        f[COORDS][self.n : self.n + k] = coords
         self.n += k
+        self._raise_io_error()
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
@@ -150,14 +269,18 @@ class BagWriter:
             f.attrs["n_tiles"] = self.n
             f.attrs["feature_dim"] = self.feature_dim
             f.attrs["complete"] = True
-            f.flush()
             f.close()
             self._file = None
+            assert self._io is not None
+            self._io.fsync()  # durable before it is visible under its final name
+            self._raise_io_error()
+            self._io.close()
+            self._io = None
             os.replace(self.tmp, self.dest)
-        except OSError as exc:
+        except OSError as err:
             self._discard()
-            if _is_disk_error_text(exc):
-                raise as_output_error(exc, self.dest.parent) from exc
+            if is_disk_error(err):
+                raise as_output_error(err, self.dest.parent) from err
             raise
         except BaseException:
             self._discard()
@@ -167,13 +290,15 @@ class BagWriter:
         if self._file is not None:
             try:
                 self._file.close()
-            except Exception as exc:  # closing a file on a full disk may fail too
+            except Exception as exc:
                 logger.debug("closing %s failed: %s", self.tmp, exc)
             self._file = None
-        try:
+        if self._io is not None:
+            with contextlib.suppress(OSError):
+                self._io.close()
+            self._io = None
+        with contextlib.suppress(FileNotFoundError):
             self.tmp.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -204,8 +329,11 @@ def _decode(value: Any) -> Any:
     return value
 
 
-def bag_is_complete(path: str | os.PathLike[str], config_hash: str | None = None) -> bool:
-    """True only for a readable, complete bag with matching datasets (and config hash when given)."""
+def bag_is_complete(
+    path: str | os.PathLike[str], config_hash: str | None = None, require: Mapping[str, Any] | None = None
+) -> bool:
+    """True only for a readable, complete bag with matching datasets (and config hash and ``require``d
+    attribute values when given)."""
     p = Path(path)
     if not p.is_file():
         return False
@@ -223,6 +351,10 @@ def bag_is_complete(path: str | os.PathLike[str], config_hash: str | None = None
     if config_hash is not None and attrs.get("config_hash") != config_hash:
         logger.info("%s was made with another config; it will be recomputed", p)
         return False
+    for key, value in (require or {}).items():
+        if attrs.get(key) != value:
+            logger.info("%s has %s=%r, not %r; it will be recomputed", p, key, attrs.get(key), value)
+            return False
     return True
 
 

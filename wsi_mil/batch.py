@@ -156,6 +156,28 @@ class BatchSummary:
 
 ProcessFn = Callable[[Path], dict[str, Any]]
 
+#: record fields of a finished slide that a later run that skips it keeps in the manifest
+KEPT_WHEN_SKIPPED = ("n_tiles", "n_skipped_tiles", "slide_mpp", "mpp", "footprint_px", "level")
+
+
+def _source_stamp(path: Path) -> dict[str, Any]:
+    try:
+        st = path.stat()
+    except OSError:
+        return {}
+    return {"source_bytes": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+
+
+def _known_no_tissue(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A previous run found no tissue on this very file with the same settings (R9: not retried)."""
+    return (
+        old.get("status") == "no_tissue"
+        and "config_hash" in new
+        and old.get("config_hash") == new["config_hash"]
+        and "source_bytes" in new
+        and all(old.get(k) == new[k] for k in ("source_bytes", "source_mtime_ns"))
+    )
+
 
 def run_batch(
     paths: Sequence[Path],
@@ -167,12 +189,26 @@ def run_batch(
     progress: bool | None = None,
     desc: str = "slides",
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    config_hash: str | None = None,
+    redo: bool = False,
+    prefetch: Callable[[Path], None] | None = None,
+    discard: Callable[[Path], None] | None = None,
 ) -> BatchSummary:
     """Run ``process(path) -> record fields`` per slide with locks, records and a manifest.
 
     ``process`` returns at least ``{"status": "done" | "no_tissue"}``; raising records ``failed``
     with the error class and message (the batch goes on), except :class:`OutputError` for disk
     problems, which stops the batch (every later slide would fail the same way).
+
+    Each slide is claimed with an exclusive lock first; a slide locked by another process is left to
+    it (status ``locked``, not written to the manifest). ``is_done(path)`` -> ``skipped``. A slide
+    recorded as ``no_tissue`` by a run with the same ``config_hash`` (and the same source file size
+    and modification time) is not retried unless ``redo``.
+
+    ``prefetch(next_path)`` is called, with the next slide's lock already taken, just before
+    ``process`` starts on a slide, so that work for the next slide (opening it, finding tissue, reading
+    its first tiles) can overlap this one; ``discard(path)`` is called for a prefetched slide that will
+    not be processed (the batch stopped).
     """
     from .progress import progress_bar
 
@@ -180,25 +216,58 @@ def run_batch(
     summary = BatchSummary()
     start = time.perf_counter()
     bar = progress_bar(total=len(paths), desc=desc, unit="slide", enable=progress)
+    ahead: dict[int, SlideLock] = {}  # locks of prefetched slides, taken ahead of their turn
+
+    def new_record(path: Path) -> dict[str, Any]:
+        record: dict[str, Any] = {"slide_id": path.stem, "path": str(path), **_source_stamp(path)}
+        if config_hash is not None:
+            record["config_hash"] = config_hash
+        return record
+
+    def look_ahead(i: int) -> None:
+        j = i + 1
+        if prefetch is None or j >= len(paths) or j in ahead:
+            return
+        lock = SlideLock(out_dir, paths[j].stem)
+        if not lock.acquire():
+            return
+        try:
+            wanted = not (is_done is not None and is_done(paths[j])) and (
+                redo or not _known_no_tissue(store.read(paths[j].stem) or {}, new_record(paths[j]))
+            )
+            if wanted:
+                prefetch(paths[j])
+                ahead[j] = lock
+        except Exception as exc:  # prefetching is an optimisation: the slide's turn will tell
+            logger.debug("could not prefetch %s: %s", paths[j], exc)
+        finally:
+            if j not in ahead:
+                lock.release()
+
     try:
-        for path in paths:
+        for i, path in enumerate(paths):
             slide_id = path.stem
-            lock = SlideLock(out_dir, slide_id)
-            if not lock.acquire():
+            lock = ahead.pop(i, None) or SlideLock(out_dir, slide_id)
+            if not lock.held and not lock.acquire():
                 logger.info("%s is being processed by another process; leaving it", slide_id)
                 summary.records.append({"slide_id": slide_id, "path": str(path), "status": "locked"})
                 bar.update(1)
                 continue
-            record: dict[str, Any] = {"slide_id": slide_id, "path": str(path)}
+            record = new_record(path)
             t0 = time.perf_counter()
             try:
+                old = store.read(slide_id) or {}
                 if is_done is not None and is_done(path):
                     record.update(status="skipped")
-                    old = store.read(slide_id) or {}
-                    for key in ("n_tiles", "mpp", "slide_mpp"):
+                    for key in KEPT_WHEN_SKIPPED:
                         if key in old:
                             record[key] = old[key]
+                elif not redo and _known_no_tissue(old, record):
+                    record.update(
+                        status="no_tissue", error_class=old.get("error_class"), error=old.get("error"), n_tiles=0
+                    )
                 else:
+                    look_ahead(i)
                     record.update(process(path))
             except KeyboardInterrupt:
                 record.update(status="interrupted", error_class="KeyboardInterrupt", error="interrupted by the user")
@@ -233,6 +302,11 @@ def run_batch(
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
+        for j, lock in ahead.items():
+            if discard is not None:
+                with contextlib.suppress(Exception):
+                    discard(paths[j])
+            lock.release()
         bar.close()
         summary.seconds = time.perf_counter() - start
         try:

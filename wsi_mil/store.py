@@ -19,6 +19,8 @@ import io
 import json
 import logging
 import os
+import re
+import secrets
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,34 +38,64 @@ HDF5_LOCK_HINT = (
 )
 
 
-def _disk_error_message(exc: OSError, folder: Path) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+_ERRNO_IN_TEXT = re.compile(r"errno\s*=\s*(\d+)")
+
+
+def error_errno(exc: BaseException) -> int | None:
+    """The errno of an OS error, also when HDF5 only states it in the message (``errno = 27``).
+
+    h5py raises ``OSError`` or ``RuntimeError`` (depending on the HDF5 call that failed) whose ``errno``
+    is often unset; the C library's errno is in the text.
+    """
+    value = getattr(exc, "errno", None)
+    if isinstance(value, int):
+        return value
+    match = _ERRNO_IN_TEXT.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+#: errno values that mean "this output location cannot take more data / any data"
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _disk_error_message(exc: BaseException, folder: Path) -> str:
+    code = error_errno(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT):
         return f"No space left while writing to {folder}: free space there or choose another --out folder."
-    if exc.errno == errno.EFBIG:
-        return f"File too large for {folder} (file size limit or file system limit): choose another --out folder."
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"Cannot write to {folder} ({exc.strerror}): choose a writable --out folder or fix its permissions."
-    if exc.errno == errno.ENOLCK or exc.errno == 37:
-        return HDF5_LOCK_HINT
+    if code == errno.EFBIG:
+        return (
+            f"File too large for {folder} (a file size limit such as `ulimit -f`, or the file system's "
+            "limit): raise the limit or choose another --out folder."
+        )
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = getattr(exc, "strerror", None) or os.strerror(code)
+        return f"Cannot write to {folder} ({reason}): choose a writable --out folder or fix its permissions."
+    if code == errno.ENOLCK:
+        return f"{folder}: {HDF5_LOCK_HINT}"
     return f"Could not write to {folder}: {exc}"
 
 
+def is_lock_error(exc: BaseException) -> bool:
+    """HDF5's file-locking failure on file systems without locks (ENOLCK 37, ENOSYS 38: NFS, Lustre, SMB).
+
+    ``EAGAIN``/``EWOULDBLOCK`` (another process has the file open) is not one: turning locking off
+    would not be the remedy.
+    """
+    code = error_errno(exc)
+    if code == errno.ENOLCK:
+        return True
+    return "unable to lock file" in str(exc) and code not in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 def is_disk_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EFBIG,
-        errno.EACCES,
-        errno.EPERM,
-        errno.EROFS,
-    )
+    """An OS or HDF5 error saying the output cannot be written (full, too large, read-only, denied)."""
+    return isinstance(exc, OSError | RuntimeError) and error_errno(exc) in DISK_ERRNOS
 
 
-def as_output_error(exc: OSError, folder: Path) -> OutputError:
-    """Convert an OS/HDF5 write error into an :class:`OutputError` that says what to do."""
-    text = str(exc)
-    if "unable to lock file" in text or "errno = 37" in text or getattr(exc, "errno", None) == 37:
-        return OutputError(f"{folder}: {HDF5_LOCK_HINT} ({text})")
+def as_output_error(exc: BaseException, folder: Path) -> OutputError:
+    """Convert an OS/HDF5 write error into an :class:`OutputError` that names ``folder`` and says what to do."""
+    if is_lock_error(exc):
+        return OutputError(f"{folder}: {HDF5_LOCK_HINT} ({exc})")
     return OutputError(_disk_error_message(exc, folder))
 
 
@@ -76,11 +108,8 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f"{TEMP_PREFIX}{dest.name}.", suffix=suffix if suffix is not None else dest.suffix, dir=dest.parent
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_name(dest, dest.suffix if suffix is None else suffix)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode as open() gives, less umask
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -123,16 +152,31 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def remove_stale_temp_files(folder: Path) -> int:
-    """Remove temp files left by killed runs in ``folder`` whose writer no longer holds a lock.
+def temp_name(dest: Path, suffix: str = "") -> Path:
+    """A unique temp path next to ``dest``: ``.tmp-<name>.<pid>.<8 hex><suffix>`` (see :func:`stale_temp_files`)."""
+    return dest.parent / f"{TEMP_PREFIX}{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
 
-    Only call while holding the corresponding slide lock (or with no other writer running).
+
+def stale_temp_files(dest: Path) -> list[Path]:
+    """Temp files of ``dest`` (made by :func:`temp_name`) that are still there, e.g. after a SIGKILL."""
+    pattern = re.compile(re.escape(f"{TEMP_PREFIX}{dest.name}.") + r"\d+\.[0-9a-f]{8}(\.[^.]*)?")
+    try:
+        return sorted(p for p in dest.parent.iterdir() if pattern.fullmatch(p.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def remove_stale_temp_files(dest: Path) -> int:
+    """Remove the temp files a killed writer of ``dest`` left (SIGKILL gives it no chance to).
+
+    Only call while holding ``dest``'s slide lock: then no live process is writing them.
     """
     n = 0
-    for p in folder.glob(f"{TEMP_PREFIX}*"):
+    for p in stale_temp_files(dest):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             n += 1
+            logger.info("removed %s, left by an interrupted run", p)
     return n
 
 
@@ -162,6 +206,10 @@ class SlideLock:
     def __init__(self, out_dir: Path, slide_id: str) -> None:
         self.path = Path(out_dir) / ".locks" / f"{slide_id}.lock"
         self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)

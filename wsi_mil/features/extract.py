@@ -1,26 +1,34 @@
 """``wsi-mil extract``: tissue -> tiles -> a frozen encoder -> resumable HDF5 feature bags.
 
-Per slide, a DataLoader whose workers each open their own slide handle reads tiles at the target
-µm/px (whole batches per worker call, so inter-process traffic is one message per batch); the main
-process runs the encoder under ``torch.inference_mode()`` and autocast and streams features and
-level-0 coords into a temp HDF5 file that is marked complete and moved into place at the end.
-Nothing of a slide outlives it: loader, workers and handles are closed before the next slide.
+Per slide: open it (TIFF/SVS through tiffslide where it decodes exactly as OpenSlide does, it is
+faster), find tissue and write the QC files, lay the tile grid, then read tiles at the target µm/px
+in batches while the main thread runs the encoder under ``torch.inference_mode()`` and autocast, and
+stream features and level-0 coords into a temp HDF5 file that is marked complete and moved into place
+at the end. Tiles are read by a background thread on CPU (``workers=-1``), by loader processes that
+each open their own slide handle (``workers=N``; the default on CUDA), or in series (``workers=0``).
+While one slide is encoded, the next one (its lock already taken) is prepared and, with the reading
+thread, its first batches are read, so slide boundaries leave the model idle as little as possible.
+Nothing of a slide outlives it: readers, loader processes and handles are closed after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import queue
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
@@ -32,9 +40,12 @@ from ..config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load_confi
 from ..errors import ConfigError, OutputConflictError, SlideReadError
 from ..prepare import SlideOpener, prepare_slide
 from ..slide import Slide, SlideLimits, open_slide
-from ..store import atomic_write_json, ensure_writable_dir, folder_lock
+from ..store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
+
+#: torch seed for ``--random-init`` weights (recorded in the outputs)
+RANDOM_INIT_SEED = 0
 
 EXTRACT_COLUMNS = (
     "slide_id",
@@ -48,10 +59,13 @@ EXTRACT_COLUMNS = (
     "tiles_per_s",
     "read_s",
     "model_s",
+    "prepare_s",
     "slide_mpp",
     "mpp",
     "footprint_px",
     "level",
+    "rss_mb",
+    "peak_rss_mb",
 )
 
 
@@ -82,6 +96,7 @@ class TileBatches(Dataset[dict[str, Any]]):
         self.coords = np.asarray(coords, dtype=np.int64)
         self._slide: Slide | None = None
         self._pid = -1
+        self._rows: tuple[int, int, int] | None | bool = False  # not yet worked out
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -100,25 +115,80 @@ class TileBatches(Dataset[dict[str, Any]]):
 
     def read_tile(self, index: int) -> np.ndarray:
         x, y = (int(v) for v in self.coords[index])
-        return self._handle().read_region_mpp((x, y), (self.source.tile_px, self.source.tile_px), self.source.mpp)
+        return self._handle().read_region_mpp(
+            (x, y), (self.source.tile_px, self.source.tile_px), self.source.mpp
+        )
+
+    def row_geometry(self) -> tuple[int, int, int] | None:
+        """``(level, level pixels per tile, level-0 stride)`` when a row of adjacent tiles read in one call
+        gives exactly the pixels of :meth:`read_tile` (an integral level-to-tile scale: block averages
+        never straddle two tiles); else None."""
+        if self._rows is False:
+            slide, px, mpp = self._handle(), self.source.tile_px, self.source.mpp
+            level = slide.best_level_for_mpp(mpp)
+            scale = mpp / slide.level_mpp(level)
+            src = max(1, round(px * scale))
+            stride = src * slide.level_downsamples[level]
+            exact = scale >= 1 and abs(scale - round(scale)) < 1e-9 and src == round(scale) * px
+            self._rows = (level, src, round(stride)) if exact and abs(stride - round(stride)) < 1e-9 else None
+        return self._rows if self._rows is not False else None  # type: ignore[return-value]
+
+    def _read_row(self, run: list[int], out: np.ndarray) -> None:
+        """Tiles ``run`` (left to right, adjacent) into ``out``: one read and one resize for the row."""
+        level, src, _ = self.row_geometry()  # type: ignore[misc]
+        px = self.source.tile_px
+        x, y = (int(v) for v in self.coords[run[0]])
+        region = self._handle().read_region((x, y), level, (src * len(run), src))
+        if src != px:
+            region = cv2.resize(region, (px * len(run), px), interpolation=cv2.INTER_AREA)
+        out[:] = region.reshape(px, len(run), px, 3).transpose(1, 0, 2, 3)
+
+    def _runs(self, idx: list[int]) -> list[list[int]]:
+        geometry = self.row_geometry()
+        if geometry is None:
+            return [[i] for i in idx]
+        stride = geometry[2]
+        runs: list[list[int]] = []
+        for i in idx:
+            if runs:
+                last = self.coords[runs[-1][-1]]
+                here = self.coords[i]
+                if here[1] == last[1] and here[0] - last[0] == stride:
+                    runs[-1].append(i)
+                    continue
+            runs.append([i])
+        return runs
 
     def __getitem__(self, indices: Any) -> dict[str, Any]:  # type: ignore[override]
         idx = [int(i) for i in np.atleast_1d(np.asarray(indices, dtype=np.int64))]
         px = self.source.tile_px
         tiles = np.empty((len(idx), px, px, 3), dtype=np.uint8)
         ok = np.ones(len(idx), dtype=bool)
-        for j, i in enumerate(idx):
-            try:
-                tiles[j] = self.read_tile(i)
-            except SlideReadError:
-                if not self.source.skip_unreadable:
-                    raise
-                logger.warning("skipping unreadable tile at level-0 %s of %s", tuple(self.coords[i]), self.source.path)
-                ok[j] = False
-                tiles[j] = 255
-                # OpenSlide fails every later read after a decode error: a fresh handle recovers.
-                self._handle().reopen()
+        j0 = 0
+        for run in self._runs(idx):
+            if len(run) > 1:
+                try:
+                    self._read_row(run, tiles[j0 : j0 + len(run)])
+                    j0 += len(run)
+                    continue
+                except SlideReadError:  # find the broken tile: read the row tile by tile
+                    self._handle().reopen()
+            for i in run:
+                self._read_one(i, j0, tiles, ok)
+                j0 += 1
         return {"tiles": torch.from_numpy(tiles), "index": torch.as_tensor(idx), "ok": torch.from_numpy(ok)}
+
+    def _read_one(self, i: int, j: int, tiles: np.ndarray, ok: np.ndarray) -> None:
+        try:
+            tiles[j] = self.read_tile(i)
+        except SlideReadError:
+            if not self.source.skip_unreadable:
+                raise
+            logger.warning("skipping unreadable tile at level-0 %s of %s", tuple(self.coords[i]), self.source.path)
+            ok[j] = False
+            tiles[j] = 255
+            # OpenSlide fails every later read after a decode error: a fresh handle recovers.
+            self._handle().reopen()
 
     def close(self) -> None:
         if self._slide is not None:
@@ -126,7 +196,162 @@ class TileBatches(Dataset[dict[str, Any]]):
             self._slide = None
 
 
+#: batches read ahead of the model (per reading thread or loader process)
+PREFETCH_BATCHES = 3
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class ThreadBatches:
+    """A slide's batches read by a background thread, up to ``depth`` batches ahead of the model.
+
+    On a CPU-only machine a thread beats loader processes: no process start per slide, no copies
+    through shared memory, and decoding (OpenSlide, tiffslide, OpenCV) releases the GIL. Errors while
+    reading are raised where the batches are consumed; :meth:`close` stops the thread and closes the
+    slide handle it opened.
+    """
+
+    _END = object()
+
+    def __init__(self, dataset: TileBatches, batches: list[list[int]], depth: int = PREFETCH_BATCHES, pin: bool = False) -> None:
+        self.dataset = dataset
+        self._batches = batches
+        self._pin = pin
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._read, name=f"wsi-mil-read-{Path(dataset.source.path).stem}", daemon=True
+        )
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self) -> None:
+        try:
+            for idx in self._batches:
+                if self._stop.is_set():
+                    return
+                item = self.dataset[idx]
+                if self._pin:
+                    item["tiles"] = item["tiles"].pin_memory()
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # raised again in the consuming thread
+            self._put(_Failure(exc))
+        finally:
+            self.dataset.close()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join()
+
+
+@dataclass
+class _Prepared:
+    """A slide ready for encoding: where its tiles are, what its file will say, and maybe its reader."""
+
+    source: TileSource
+    coords: np.ndarray
+    attrs: dict[str, Any]
+    prepare_s: float
+    stream: ThreadBatches | None = None
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+#: suffixes of the TIFF-based formats tiffslide reads
+_TIFFSLIDE_SUFFIXES = (".svs", ".tif", ".tiff")
+
+
+def choose_reader(slide: Slide, requested: str) -> Slide:
+    """The slide object to read this slide with: with ``backend: auto``, tiffslide where it reads the same.
+
+    tiffslide decodes TIFF/SVS JPEG tiles straight to RGB; OpenSlide returns premultiplied RGBA that
+    is then composited. Measured here, tiffslide reads a tile in a third to a half of OpenSlide's time
+    and a whole pyramid level (the QC thumbnail) in a third, which matters on a CPU where reading
+    competes with the model. It is used only for TIFF and SVS files on which it sees the same pyramid
+    and decodes a region of the coarsest level and a level-0 tile at the centre pixel-identically;
+    otherwise, and whenever a backend was chosen explicitly, ``slide`` itself is returned. The caller
+    closes a returned slide that is not ``slide``.
+    """
+    if requested != "auto" or slide.backend_name == "tiffslide" or slide.path.suffix.lower() not in _TIFFSLIDE_SUFFIXES:
+        return slide
+    try:
+        other = open_slide(slide.path, backend="tiffslide", mpp=slide.mpp, limits=slide.limits)
+    except Exception as exc:  # any refusal means: keep the slide's own reader
+        logger.debug("%s: tiffslide cannot read it (%s); OpenSlide reads it", slide.slide_id, exc)
+        return slide
+    try:
+        same_pyramid = other.level_dimensions == slide.level_dimensions and all(
+            abs(a - b) <= 1e-6 * a for a, b in zip(other.level_downsamples, slide.level_downsamples, strict=True)
+        )
+        if same_pyramid:
+            w0, h0 = slide.dimensions
+            top = slide.level_count - 1
+            tw, th = slide.level_dimensions[top]
+            size = (min(tw, 512), min(th, 512))
+            ds = slide.level_downsamples[top]
+            probes = [
+                (round((tw - size[0]) / 2 * ds), round((th - size[1]) / 2 * ds), top, size),
+                (max(0, w0 // 2 - 128), max(0, h0 // 2 - 128), 0, (256, 256)),
+            ]
+            if all(
+                np.array_equal(other.read_region((x, y), lv, sz), slide.read_region((x, y), lv, sz))
+                for x, y, lv, sz in probes
+            ):
+                other.mpp_source = slide.mpp_source
+                return other
+            logger.info("%s: the backends decode it differently; OpenSlide reads it", slide.slide_id)
+    except Exception as exc:
+        logger.debug("%s: comparing the backends failed (%s); OpenSlide reads it", slide.slide_id, exc)
+    other.close()
+    return slide
+
+
 # --- the run --------------------------------------------------------------------------------------------
+def memory_use_mb() -> dict[str, float]:
+    """Resident memory now and at its peak (MB), recorded per slide: a long run must stay flat."""
+    out: dict[str, float] = {}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["rss_mb"] = round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
+    except (ImportError, OSError):
+        pass
+    return out
+
+
 def cpu_supports_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -146,13 +371,64 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def resolve_workers(workers: int, device: torch.device) -> int:
-    if workers >= 0:
-        return workers
-    n_cpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a container's CPU quota (cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``), if any."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a container CPU quota (Docker ``--cpus``,
+    Kubernetes limits). Threads beyond the quota are throttled mid-operation, which costs far more
+    than they bring."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, int(limit)))
+    return max(1, n)
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """torch CPU threads: ``threads``, else ``OMP_NUM_THREADS`` when set, else the CPUs we may use."""
+    if threads is None:
+        try:
+            threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            threads = None
+    return max(1, threads if threads else available_cpus())
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (unchanged for ``None``), restoring the previous count."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def resolve_loader(workers: int, device: torch.device) -> tuple[str, int]:
+    """How tiles are read: ``("series", 0)`` for ``workers=0``, ``("processes", N)`` for ``workers=N``;
+    ``workers=-1`` (auto): a reading thread on CPU, up to 8 loader processes on CUDA."""
+    if workers == 0:
+        return "series", 0
+    if workers > 0:
+        return "processes", workers
     if device.type == "cuda":
-        return max(1, min(8, n_cpu - 1))
-    return 1 if n_cpu >= 2 else 0
+        return "processes", max(1, min(8, available_cpus() - 1))
+    return "thread", 1
 
 
 def _versions() -> dict[str, str]:
@@ -183,8 +459,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _check_folder_config(out_dir: Path, cfg: ExtractConfig, chash: str, overwrite: bool) -> None:
-    """Refuse a folder made with another config unless ``overwrite`` (R25); then record ours."""
+def _check_folder_config(
+    out_dir: Path, cfg: ExtractConfig, chash: str, overwrite: bool, *, write: bool
+) -> None:
+    """Refuse a folder made with another config unless ``overwrite`` (R25); with ``write``, record ours.
+
+    Called twice: first only to check (a refusal comes before the encoder is loaded), then, once the
+    encoder has loaded (a mistyped ``--weights`` path must not leave its config behind), to check again
+    and write, under the folder's config lock.
+    """
     with folder_lock(out_dir, "config"):
         existing = out_dir / "config.yaml"
         if existing.exists() and not overwrite:
@@ -198,12 +481,15 @@ def _check_folder_config(out_dir: Path, cfg: ExtractConfig, chash: str, overwrit
                 ) from exc
             if old_hash != chash:
                 old_d, new_d = old.model_dump(), cfg.model_dump()
-                diffs = [f"{k}: {old_d[k]!r} -> {new_d[k]!r}" for k in EXTRACT_HASH_FIELDS if old_d[k] != new_d[k]]
+                diffs = [
+                    f"{k}: {old_d[k]!r} -> {new_d[k]!r}" for k in EXTRACT_HASH_FIELDS if old_d[k] != new_d[k]
+                ]
                 raise OutputConflictError(
                     f"{out_dir} was made with another configuration ({'; '.join(diffs)}). Use another --out "
                     "folder, or rerun with --overwrite to recompute every slide with the new settings."
                 )
-        write_config(cfg, existing)
+        if write:
+            write_config(cfg, existing)
 
 
 def run_extract(
@@ -214,33 +500,51 @@ def run_extract(
     overwrite: bool = False,
     shard: tuple[int, int] = (0, 1),
     progress: bool | None = None,
+    threads: int | None = None,
 ) -> BatchSummary:
-    """Extract features for ``slides`` into ``out_dir`` (see the module docstring and the README)."""
-    from ..batch import select_shard
+    """Extract features for ``slides`` into ``out_dir`` (see the module docstring and the README).
+
+    ``threads``: torch CPU threads while running (restored afterwards); default ``OMP_NUM_THREADS``
+    when set, else the CPUs this process may use.
+    """
+    from ..batch import check_unique_ids, select_shard
     from .encoders import autocast_context, create_encoder, encoder_identity, resolve_device
 
     cfg = cfg or ExtractConfig()
+    slides = [Path(p) for p in slides]
+    check_unique_ids(slides)  # R21: two inputs would write one output
     out_dir = ensure_writable_dir(out_dir)  # R15: before any slide is opened
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     resolved = cfg.model_copy(update={"precision": precision})
     chash = config_hash(resolved, EXTRACT_HASH_FIELDS)
-    _check_folder_config(out_dir, resolved, chash, overwrite)
+    _check_folder_config(out_dir, resolved, chash, overwrite, write=False)
     opener = SlideOpener(cfg.slide)  # reads the mpp override CSV now: a bad table fails before any slide
 
-    encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, device=device)
+    with torch.random.fork_rng(devices=[]):
+        # Random weights are a fixed function of the config, so resumed runs, shards and concurrent
+        # processes on one folder all compute with the same ones.
+        torch.manual_seed(RANDOM_INIT_SEED)
+        encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, device=device)
     if cfg.channels_last:
         encoder.set_channels_last(True)
     model: Any = encoder.model
     if cfg.compile:
         model = torch.compile(model)
     identity = encoder_identity(encoder)
-    n_workers = resolve_workers(cfg.workers, device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    if cfg.random_init:
+        identity["random_init_seed"] = RANDOM_INIT_SEED
+    _check_folder_config(out_dir, resolved, chash, overwrite, write=True)
+    loader_mode, n_workers = resolve_loader(cfg.workers, device)
     logger.info(
-        "encoder %s (%d-d, weights %s) on %s, %s, batch %d, %d loader worker(s)",
-        encoder.name, encoder.feature_dim, identity["weights_source"], device, precision, cfg.batch_size, n_workers,
+        "encoder %s (%d-d, weights %s) on %s, %s, batch %d, tiles read %s",
+        encoder.name,
+        encoder.feature_dim,
+        identity["weights_source"],
+        device,
+        precision,
+        cfg.batch_size,
+        {"series": "in series", "thread": "by a thread", "processes": f"by {n_workers} processes"}[loader_mode],
     )
     index, count = shard
     selected = select_shard(list(slides), index, count) if count > 1 else list(slides)
@@ -248,11 +552,21 @@ def run_extract(
     features_dir.mkdir(exist_ok=True)
 
     def is_done(path: Path) -> bool:
-        return not overwrite and bag_is_complete(features_dir / f"{path.stem}.h5", chash)
+        # The config hash covers the weights' path; the checksum catches a file changed in place.
+        return not overwrite and bag_is_complete(
+            features_dir / f"{path.stem}.h5", chash, require={"weights_sha256": identity["weights_sha256"]}
+        )
 
-    def process(path: Path) -> dict[str, Any]:
+    def prepare(path: Path) -> _Prepared:
+        """Open the slide, find tissue (QC files), lay the grid, choose the tile reader; in thread mode start reading."""
         t_start = time.perf_counter()
-        with opener.open(path) as slide:
+        # We hold this slide's lock: temp files of it are left by a killed process (R10).
+        remove_stale_temp_files(features_dir / f"{path.stem}.h5")
+        with contextlib.ExitStack() as stack:
+            opened = stack.enter_context(opener.open(path))
+            slide = choose_reader(opened, cfg.slide.backend)
+            if slide is not opened:
+                stack.callback(slide.close)
             prepared = prepare_slide(slide, cfg.tissue, cfg.tiling, out_dir / "tissue", cfg.thumbnail_px)
             grid = prepared.grid
             source = TileSource(
@@ -268,6 +582,7 @@ def run_extract(
             attrs: dict[str, Any] = {
                 "slide_id": slide.slide_id,
                 "source_file": path.name,
+                "source_bytes": path.stat().st_size,
                 "slide_mpp": slide.mpp,
                 "mpp_source": slide.mpp_source,
                 "mpp": grid.mpp,
@@ -287,12 +602,54 @@ def run_extract(
                 "coords_space": "level-0 pixels, top-left (x, y)",
                 **identity,
             }
-        # The slide handle of the main process is closed: workers open their own.
-        stats = _encode_slide(
-            source, grid.coords, features_dir / f"{path.stem}.h5", attrs, encoder, model, precision,
-            device, cfg, n_workers, progress, autocast_context,
-        )
+        # The slide handle used here is closed: tiles are read through handles of their own.
+        ready = _Prepared(source=source, coords=grid.coords, attrs=attrs, prepare_s=time.perf_counter() - t_start)
+        if loader_mode == "thread":
+            ready.stream = ThreadBatches(
+                TileBatches(source, grid.coords), _batches(len(grid.coords), cfg.batch_size), depth=PREFETCH_BATCHES,
+                pin=device.type == "cuda",
+            )
+        return ready
+
+    # Work for the next slide (its lock already held) overlaps the current one: opening, tissue, QC
+    # and, with a reading thread, its first batches of tiles.
+    ahead: dict[str, Future[_Prepared]] = {}
+    executor = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-mil-prepare")
+        if loader_mode != "series" and len(selected) > 1
+        else None
+    )
+
+    def prefetch(path: Path) -> None:
+        if executor is not None:
+            ahead[path.stem] = executor.submit(prepare, path)
+
+    def discard(path: Path) -> None:
+        future = ahead.pop(path.stem, None)
+        if future is not None and not future.cancel():
+            with contextlib.suppress(Exception):
+                future.result().close()
+
+    def process(path: Path) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        future = ahead.pop(path.stem, None)
+        if future is None:
+            ready = prepare(path)
+        else:
+            try:
+                ready = future.result()
+            except KeyboardInterrupt:  # interrupted while waiting: close what the thread still makes
+                future.add_done_callback(_close_prepared)
+                raise
+        try:
+            stats = _encode_slide(
+                ready, features_dir / f"{path.stem}.h5", encoder, model, precision, device, cfg, loader_mode,
+                n_workers, progress, autocast_context,
+            )  # fmt: skip
+        finally:
+            ready.close()
         seconds = time.perf_counter() - t_start
+        attrs = ready.attrs
         return {
             "status": "done",
             "n_tiles": stats["n_tiles"],
@@ -301,15 +658,34 @@ def run_extract(
             "tiles_per_s": round(stats["n_tiles"] / max(seconds, 1e-9), 2),
             "read_s": round(stats["read_s"], 3),
             "model_s": round(stats["model_s"], 3),
+            "prepare_s": round(ready.prepare_s, 3),
             "slide_mpp": attrs["slide_mpp"],
-            "mpp": grid.mpp,
-            "footprint_px": grid.footprint_px,
+            "mpp": attrs["mpp"],
+            "footprint_px": attrs["footprint_px"],
             "level": attrs["level"],
+            **memory_use_mb(),
         }
 
     t0 = time.perf_counter()
-    with _sigterm_as_interrupt():
-        summary = run_batch(selected, out_dir, process, EXTRACT_COLUMNS, is_done=is_done, progress=progress, desc="slides")
+    n_threads = resolve_threads(threads) if device.type == "cpu" else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_as_interrupt())
+        stack.enter_context(torch_threads(n_threads))
+        if executor is not None:
+            stack.callback(_shutdown, executor, ahead)
+        summary = run_batch(
+            selected,
+            out_dir,
+            process,
+            EXTRACT_COLUMNS,
+            is_done=is_done,
+            progress=progress,
+            desc="slides",
+            config_hash=chash,
+            redo=overwrite,
+            prefetch=prefetch if executor is not None else None,
+            discard=discard,
+        )
     totals: dict[str, Any] = {
         "slides": len(selected),
         "by_status": dict(summary.counts),
@@ -324,10 +700,11 @@ def run_extract(
             {
                 "command": "extract",
                 "versions": _versions(),
-                "device": _device_description(device),
+                "device": _device_description(device, n_threads or torch.get_num_threads()),
                 "precision": precision,
+                "loader": loader_mode,
                 "loader_workers": n_workers,
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": n_threads or torch.get_num_threads(),
                 "config_hash": chash,
                 "encoder": identity,
                 "shard": [index, count],
@@ -341,53 +718,97 @@ def run_extract(
     return summary
 
 
-def _device_description(device: torch.device) -> str:
+def _device_description(device: torch.device, n_threads: int) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.processor() or platform.machine()}, {n_threads} threads)"
+
+
+def _close_prepared(future: Future[_Prepared]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
+
+
+def _shutdown(executor: ThreadPoolExecutor, ahead: dict[str, Future[_Prepared]]) -> None:
+    """Stop preparing slides ahead and close whatever was prepared but not used."""
+    executor.shutdown(wait=True, cancel_futures=True)
+    for future in ahead.values():
+        _close_prepared(future)
+    ahead.clear()
+
+
+def _model_batches(n: int, batch_size: int) -> list[int]:
+    """Split a slide's last, short batch into powers of two (e.g. 19 -> 16, 2, 1).
+
+    Every new input shape makes oneDNN (and cuDNN) build and cache kernels and scratch memory, and
+    the allocator keep blocks of new sizes: with one shape per slide tail, resident memory would grow
+    for the first dozens of slides. Powers of two bound the shapes to log2(batch size) + 1.
+    """
+    if n >= batch_size:
+        return [n]
+    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n & (1 << b)]
+
+
+def _batches(n: int, batch_size: int) -> list[list[int]]:
+    return [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
 
 
 def _encode_slide(
-    source: TileSource,
-    coords: np.ndarray,
+    ready: _Prepared,
     dest: Path,
-    attrs: dict[str, Any],
     encoder: Any,
     model: Any,
     precision: str,
     device: torch.device,
     cfg: ExtractConfig,
+    loader_mode: str,
     n_workers: int,
     progress: bool | None,
     autocast_context: Any,
 ) -> dict[str, Any]:
     from ..progress import progress_bar
 
-    dataset = TileBatches(source, coords)
-    sampler = BatchSampler(SequentialSampler(range(len(coords))), batch_size=cfg.batch_size, drop_last=False)
-    loader = DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=None,
-        num_workers=n_workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if n_workers > 0 else None,
-        persistent_workers=False,
-    )
+    coords = ready.coords
+    loader: Any
+    dataset: TileBatches | None = None
+    if ready.stream is not None:
+        loader = ready.stream
+    elif loader_mode == "processes":
+        dataset = TileBatches(ready.source, coords)
+        sampler = BatchSampler(SequentialSampler(range(len(coords))), batch_size=cfg.batch_size, drop_last=False)
+        loader = DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=n_workers,
+            pin_memory=device.type == "cuda",
+            prefetch_factor=PREFETCH_BATCHES,
+            persistent_workers=False,
+        )
+    else:
+        dataset = TileBatches(ready.source, coords)
+        loader = (dataset[idx] for idx in _batches(len(coords), cfg.batch_size))
     read_s = model_s = 0.0
     n_skipped = 0
-    bar = progress_bar(total=len(coords), desc=source.path.rsplit("/", 1)[-1], unit="tile", enable=progress)
+    bar = progress_bar(total=len(coords), desc=Path(ready.source.path).name, unit="tile", enable=progress)
     try:
-        with BagWriter(dest, encoder.feature_dim, attrs, feature_dtype=cfg.feature_dtype) as writer:
+        with BagWriter(
+            dest, encoder.feature_dim, ready.attrs, feature_dtype=cfg.feature_dtype, expected_rows=len(coords)
+        ) as writer:
             t_wait = time.perf_counter()
             for batch in loader:
                 t_got = time.perf_counter()
                 read_s += t_got - t_wait
                 ok = batch["ok"].numpy()
+                tiles = batch["tiles"]
+                parts = []
                 with torch.inference_mode(), autocast_context(device, precision):
-                    x = encoder.transform(batch["tiles"], device=device)
-                    feats = model(x)
-                feats_np = feats.float().cpu().numpy()  # synchronises: honest model time
+                    start = 0
+                    for size in _model_batches(len(tiles), cfg.batch_size):
+                        x = encoder.transform(tiles[start : start + size], device=device)
+                        parts.append(model(x).float())
+                        start += size
+                feats_np = torch.cat(parts).cpu().numpy()  # synchronises: honest model time
                 t_done = time.perf_counter()
                 model_s += t_done - t_got
                 index = batch["index"].numpy()
@@ -399,9 +820,15 @@ def _encode_slide(
             writer.attrs["n_skipped_tiles"] = n_skipped
     finally:
         bar.close()
-        dataset.close()
+        if dataset is not None:
+            dataset.close()
         del loader
-    return {"n_tiles": int(len(coords) - n_skipped), "n_skipped": n_skipped, "read_s": read_s, "model_s": model_s}
+    return {
+        "n_tiles": int(len(coords) - n_skipped),
+        "n_skipped": n_skipped,
+        "read_s": read_s,
+        "model_s": model_s,
+    }
 
 
 class _sigterm_as_interrupt:
