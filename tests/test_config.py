@@ -56,3 +56,16 @@ def test_cli_rejects_unknown_key(tmp_path):
     )
     assert r.returncode == 2
     assert "unknown key 'tiling.bogus'" in r.stderr
+
+
+def test_auto_precision_keeps_lite0_at_fp32_on_cpu():
+    import torch
+
+    from wsi_mil.features.extract import cpu_supports_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, "tf_efficientnet_lite0") == "fp32"
+    assert resolve_precision("auto", cpu, "resnet50_trunc") == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu, "resnet50_trunc") == "fp32"
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_precision("fp16", cpu)
