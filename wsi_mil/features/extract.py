@@ -794,6 +794,9 @@ def _encode_slide(
             pin_memory=device.type == "cuda",
             prefetch_factor=PREFETCH_BATCHES,
             persistent_workers=False,
+            # Never fork a process that runs torch threads (and maybe a reading thread): a forked
+            # child can inherit a held lock and hang. forkserver starts workers from a clean process.
+            multiprocessing_context="forkserver",
         )
     else:
         dataset = TileBatches(ready.source, coords)
