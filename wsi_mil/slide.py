@@ -570,3 +570,22 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
+
+
+def reader_versions() -> dict[str, str]:
+    """Versions of the slide readers that are installed (for run records)."""
+    out: dict[str, str] = {}
+    try:
+        import openslide
+
+        out["openslide_python"] = openslide.__version__
+        out["openslide"] = str(openslide.__library_version__)
+    except Exception:  # noqa: S110 - report what is there
+        pass
+    try:
+        import tiffslide
+
+        out["tiffslide"] = tiffslide.__version__
+    except Exception:  # noqa: S110
+        pass
+    return out

@@ -39,7 +39,7 @@ from ..batch import BatchSummary, run_batch
 from ..config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load_config, write_config
 from ..errors import ConfigError, OutputConflictError, SlideReadError
 from ..prepare import SlideOpener, prepare_slide
-from ..slide import Slide, SlideLimits, open_slide
+from ..slide import Slide, SlideLimits, open_slide, reader_versions
 from ..store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
@@ -453,19 +453,7 @@ def _versions() -> dict[str, str]:
         "h5py": h5py.__version__,
         "numpy": np.__version__,
     }
-    try:
-        import openslide
-
-        out["openslide_python"] = openslide.__version__
-        out["openslide"] = str(openslide.__library_version__)
-    except Exception:  # noqa: S110 - report what is there
-        pass
-    try:
-        import tiffslide
-
-        out["tiffslide"] = tiffslide.__version__
-    except Exception:  # noqa: S110
-        pass
+    out.update(reader_versions())
     return out
 
 
