@@ -38,6 +38,22 @@ def slide_options(func: F) -> F:
     return func
 
 
+def encoder_from_env(config_path: str | None, encoder: str | None, weights: str | None) -> tuple[str | None, str | None]:
+    """Encoder and weights: flags, else the ``--config`` file, else ``$WSI_MIL_ENCODER``/``$WSI_MIL_WEIGHTS``.
+
+    The Docker image sets the variables to weights baked into it; a flag or config file still wins.
+    """
+    if encoder is not None or weights is not None:
+        return encoder, weights
+    if config_path is not None:
+        from .config import read_yaml
+
+        data = read_yaml(config_path)
+        if data.get("encoder") is not None or data.get("weights") is not None:
+            return None, None
+    return os.environ.get("WSI_MIL_ENCODER") or None, os.environ.get("WSI_MIL_WEIGHTS") or None
+
+
 def _fail(exc: BaseException) -> None:
     click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
     sys.exit(2)
@@ -132,8 +148,8 @@ def tiles(
 @click.argument("slides", nargs=-1, required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None, help="YAML config (see configs/extract.yaml).")
-@click.option("--encoder", default=None, help="resnet50_trunc, tf_efficientnet_lite0 (default; offline ImageNet weights) or a timm model id.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weight file (.safetensors or .pth, loaded safely).")
+@click.option("--encoder", default=None, help="resnet50_trunc, tf_efficientnet_lite0 (default; offline ImageNet weights) or a timm model id. Default also from $WSI_MIL_ENCODER.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weight file (.safetensors or .pth, loaded safely). Default also from $WSI_MIL_WEIGHTS (weights baked into the Docker image).")
 @click.option("--random-init", is_flag=True, default=None, help="Random encoder weights (testing only; recorded in the output).")
 @click.option("--mpp", type=float, default=None, help="Tile resolution in µm/px (default 0.5).")
 @click.option("--tile-px", type=int, default=None, help="Tile side in pixels at --mpp (default 256).")
@@ -179,6 +195,7 @@ def extract(
     from .errors import WsiMilError
 
     try:
+        encoder, weights = encoder_from_env(config_path, encoder, weights)
         cfg = load_config(
             ExtractConfig,
             config_path,

@@ -83,7 +83,8 @@ class ExtractConfig(StrictModel):
 EXTRACT_HASH_FIELDS = ("slide", "tissue", "tiling", "encoder", "weights", "random_init", "precision", "feature_dtype")
 
 
-def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML config file (not validated)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"Config file {p} does not exist.")
@@ -112,7 +113,7 @@ def load_config(
     model: type[C], path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
 ) -> C:
     """Validate ``path`` (YAML) merged with ``overrides`` (dotted keys allowed, ``None`` values ignored)."""
-    data = _read_yaml(path) if path is not None else {}
+    data = read_yaml(path) if path is not None else {}
     nested: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         if value is None:
