@@ -64,7 +64,7 @@ def _fail(exc: BaseException) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
-    """Whole-slide MIL: sample-data -> tiles / extract -> train -> predict -> heatmap."""
+    """Whole-slide MIL: sample-data -> tiles / extract -> train -> predict -> heatmap (or all: pipeline)."""
     _setup_logging(verbose, quiet)
 
 
@@ -162,6 +162,7 @@ def tiles(
 @click.option("--skip-unreadable-tiles", is_flag=True, default=None, help="Skip and count corrupt tiles instead of failing the slide.")
 @click.option("--shard", default=None, help="I/N: process shard I of N (default from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX).")
 @click.option("--overwrite", is_flag=True, help="Recompute everything, also in a folder made with another config.")
+@click.option("--allow-failed-slides", is_flag=True, help="Exit 0 when slides failed (each is explained in manifest.csv): for job chains (Slurm afterok, Kubernetes Jobs) that go on with the good slides.")
 @slide_options
 def extract(
     slides: tuple[str, ...],
@@ -181,6 +182,7 @@ def extract(
     skip_unreadable_tiles: bool | None,
     shard: str | None,
     overwrite: bool,
+    allow_failed_slides: bool,
     backend: str | None,
     mpp_override: float | None,
     mpp_override_csv: str | None,
@@ -229,7 +231,39 @@ def extract(
         sys.exit(130)
     click.echo(summary.text())
     click.echo(f"features: {Path(out_dir) / 'features'}  manifest: {Path(out_dir) / 'manifest.csv'}")
-    sys.exit(summary.exit_code)
+    code = summary.exit_code
+    if code == 1 and allow_failed_slides:
+        click.echo(f"{len(summary.failed)} slide(s) failed (see the manifest); exit 0 (--allow-failed-slides)", err=True)
+        code = 0
+    sys.exit(code)
+
+
+@main.command("pipeline")
+@click.argument("config_path", required=False, type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Output folder (overrides 'out').")
+@click.option("--slides", multiple=True, help="The user's slides instead of the sample cohort: folder, glob, CSV or file (repeatable; needs --labels).")
+@click.option("--labels", "labels_csv", type=click.Path(dir_okay=False), default=None, help="Label CSV of --slides.")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N] for every stage.")
+def pipeline(config_path: str | None, out_dir: str | None, slides: tuple[str, ...], labels_csv: str | None, device: str | None) -> None:
+    """Sample data or a cohort through extract -> train (CV) -> predict -> heatmap, from one config.
+
+    CONFIG: YAML with out, sample_data or slides + labels, and one section per stage taking the keys
+    of configs/<stage>.yaml (see configs/pipeline.yaml; default: the sample cohort). Rerun to resume.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    from .errors import WsiMilError
+    from .pipeline import load_pipeline_config, run_pipeline
+
+    try:
+        cfg = load_pipeline_config(config_path, out=out_dir, slides=list(slides), labels=labels_csv, device=device)
+        result = run_pipeline(cfg)
+    except WsiMilError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun the same command to resume", err=True)
+        sys.exit(130)
+    click.echo(result.text())
+    sys.exit(result.exit_code)
 
 
 def _register_commands() -> None:
