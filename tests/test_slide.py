@@ -138,6 +138,56 @@ def test_r4_corrupt_tile_is_a_read_error_and_reopen_recovers(make_slide, tmp_pat
         assert good.shape == (256, 256, 3)
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_r4_a_whole_level_read_names_the_corrupt_tile(make_slide, tmp_path, backend):
+    """The tissue-segmentation / QC read of a whole level hits the corrupt tile: the error names its location."""
+    src = make_slide("corrupt_src", fmt="tif")
+    p = tmp_path / "corrupt_level.tif"
+    _corrupt_tile(src, p, 2 * 8 + 3)  # level-0 tile (768, 512)
+    with open_slide(p, backend) as s:
+        with pytest.raises(SlideReadError, match=r"1 corrupt tile\(s\) of 256x256 level-0 px at level 0, top-left at level-0 \(768, 512\)"):
+            s.read_region((0, 0), 0, s.dimensions)
+        with pytest.raises(SlideReadError, match=r"\(768, 512\).*--skip-unreadable-tiles"):
+            s.read_downsampled(1.0)  # the segmentation/thumbnail path
+        assert s.read_region((0, 0), 0, (256, 256)).shape == (256, 256, 3)  # the handle still works
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_r4_opt_in_tolerance_reopens_skips_and_counts_the_tile(make_slide, tmp_path, backend):
+    src = make_slide("corrupt_src", fmt="tif")
+    p = tmp_path / "corrupt_skip.tif"
+    _corrupt_tile(src, p, 2 * 8 + 3)
+    with open_slide(p, backend) as s, open_slide(src, backend) as ref:
+        s.skip_unreadable = True
+        region = s.read_region((0, 0), 0, s.dimensions)
+        assert s.skipped_tiles == [(768, 512, 256, 256)]
+        assert (region[512:768, 768:1024] == 255).all()  # the skipped tile reads as glass
+        expected = ref.read_region((0, 0), 0, ref.dimensions)
+        keep = np.ones(region.shape[:2], bool)
+        keep[512:768, 768:1024] = False
+        assert np.array_equal(region[keep], expected[keep])  # every other tile is read
+        s.read_region((700, 500), 0, (400, 300))  # the same tile again: counted once
+        assert s.skipped_tiles == [(768, 512, 256, 256)]
+
+
+def test_r4_prepare_slide_fails_naming_the_tile_or_skips_on_request(tmp_path):
+    """Tissue detection and the QC thumbnail of the zoo's corrupt-tile slide (the reads before any tile)."""
+    import json
+
+    from wsi_mil.config import TilingConfig, TissueConfig
+    from wsi_mil.prepare import prepare_slide
+    from wsi_mil.sample_data import write_broken_slides
+
+    paths = write_broken_slides(tmp_path / "zoo")
+    x, y, _, _ = json.loads((tmp_path / "zoo" / "broken_slides.json").read_text())["corrupt_tile_box_level0_px"]
+    with open_slide(paths["corrupt_tile"]) as s:
+        with pytest.raises(SlideReadError, match=rf"top-left at level-0 \({x}, {y}\)"):
+            prepare_slide(s, TissueConfig(), TilingConfig(), tmp_path / "qc")
+    with open_slide(paths["corrupt_tile"]) as s:
+        prepared = prepare_slide(s, TissueConfig(), TilingConfig(), tmp_path / "qc", skip_unreadable=True)
+    assert prepared.skipped_tiles == ((x, y, 256, 256),) and len(prepared.grid.coords) > 0
+
+
 def test_r5_huge_header_rejected_without_allocation(tmp_path):
     # a small valid slide whose header is patched to claim 10^6 x 10^6 pixels
     p = write_pyramid(tmp_path / "huge.tif", np.full((512, 512, 3), 200, np.uint8), mpp=0.5, downsamples=(1,))

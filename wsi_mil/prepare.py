@@ -42,6 +42,8 @@ class PreparedSlide:
     tissue: Any  # tissue.TissueResult
     grid: Any  # tiling.TileGrid
     seconds: float
+    #: level-0 (x, y, w, h) of corrupt file tiles skipped in the segmentation and QC reads (R4, opt-in)
+    skipped_tiles: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def prepare_slide(
@@ -50,15 +52,21 @@ def prepare_slide(
     tiling_cfg: TilingConfig,
     qc_dir: Path | None = None,
     thumbnail_px: int = 1024,
+    *,
+    skip_unreadable: bool = False,
 ) -> PreparedSlide:
     """Tissue detection and the tile grid; writes ``qc_dir/<id>.png`` and ``.geojson`` when given.
 
-    Raises :class:`NoTissueError` when no tissue, or no tile with enough tissue, is found.
+    Raises :class:`NoTissueError` when no tissue, or no tile with enough tissue, is found. A corrupt
+    file tile met by the whole-level reads fails the slide with a :class:`SlideReadError` naming its
+    level-0 location; with ``skip_unreadable`` it reads as glass (white) and is listed in
+    ``skipped_tiles`` (R4).
     """
     from .tiling import TileParams, tile_grid
     from .tissue import TissueParams, detect_tissue
 
     t0 = time.perf_counter()
+    slide.skip_unreadable = skip_unreadable
     tissue = detect_tissue(slide, TissueParams(**tissue_cfg.model_dump()))
     if qc_dir is not None:
         qc_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +84,9 @@ def prepare_slide(
             f"{tiling_cfg.tile_px} px tile at {tiling_cfg.mpp} µm/px is at least "
             f"{tiling_cfg.min_tissue_fraction:.0%} tissue. Lower tiling.min_tissue_fraction or tile size."
         )
-    return PreparedSlide(tissue=tissue, grid=grid, seconds=time.perf_counter() - t0)
+    return PreparedSlide(
+        tissue=tissue, grid=grid, seconds=time.perf_counter() - t0, skipped_tiles=tuple(slide.skipped_tiles)
+    )
 
 
 def run_tiles(

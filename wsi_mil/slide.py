@@ -42,6 +42,8 @@ MPP_RANGE: tuple[float, float] = (0.05, 10.0)
 DEFAULT_MAX_SLIDE_PX = 100_000_000_000
 #: Largest single read (pixels); 64 Mpx is 256 MiB as RGBA.
 DEFAULT_MAX_READ_PX = 64 * 1024 * 1024
+#: A failed read is searched tile by tile for the corrupt tiles when it spans at most this many.
+MAX_TILES_SEARCHED = 4096
 
 MPP_REMEDY = (
     "Give the level-0 microns per pixel yourself: `--mpp-override 0.25` for every slide, or "
@@ -82,6 +84,10 @@ class Slide(ABC):
         self._check_structure()
         self.mpp: float = self._resolve_mpp(mpp)
         self.mpp_source: str = "override" if mpp is not None else "metadata"
+        #: opt-in tolerance (R4): corrupt tiles read as white and are listed in ``skipped_tiles``
+        self.skip_unreadable: bool = False
+        #: level-0 (x, y, w, h) of the file tiles skipped as unreadable (only with ``skip_unreadable``)
+        self.skipped_tiles: list[tuple[int, int, int, int]] = []
 
     # --- backend hooks --------------------------------------------------------------------------
     @abstractmethod
@@ -223,13 +229,95 @@ class Slide(ABC):
         except (SlideReadError, SlideTooLargeError):
             raise
         except Exception as exc:  # backend errors are converted here, at the boundary
-            raise SlideReadError(
-                f"{self.path}: could not decode the region at level-0 ({x0}, {y0}), level {level}, "
-                f"size {w}x{h}: {type(exc).__name__}: {exc}. The slide file is probably corrupt at this "
-                "location; re-export it, or allow skipping unreadable tiles."
-            ) from exc
+            self._read_around_corrupt_tiles(exc, out, level, (ix0, iy0, ix1, iy1), (ox, oy), (x0, y0, w, h))
+            return out
         out[oy : oy + rgba.shape[0], ox : ox + rgba.shape[1]] = _composite_on_white(rgba)
         return out
+
+    def native_tile_px(self, level: int) -> tuple[int, int]:
+        """The (width, height) of the file's own tiles at ``level`` (256 x 256 when unknown)."""
+        sizes = []
+        for dim in ("width", "height"):
+            value = None
+            for prefix in ("openslide", "tiffslide"):
+                value = value or self.properties.get(f"{prefix}.level[{level}].tile-{dim}")
+            try:
+                sizes.append(max(16, int(str(value))))
+            except (TypeError, ValueError):
+                sizes.append(256)
+        return sizes[0], sizes[1]
+
+    def _read_around_corrupt_tiles(
+        self,
+        exc: Exception,
+        out: np.ndarray,
+        level: int,
+        box: tuple[int, int, int, int],
+        offset: tuple[int, int],
+        request: tuple[int, int, int, int],
+    ) -> None:
+        """A region read failed: find the file tiles that do not decode (R4), with fresh handles.
+
+        Reads the region again tile by tile (the file's own tile grid at ``level``) into ``out``. With
+        :attr:`skip_unreadable` the corrupt tiles stay white and are counted in :attr:`skipped_tiles`
+        (level-0 boxes); otherwise :class:`SlideReadError` names their level-0 locations.
+        """
+        ix0, iy0, ix1, iy1 = box
+        ox, oy = offset
+        x0, y0, w, h = request
+        ds = self.level_downsamples[level]
+        tw, th = self.native_tile_px(level)
+        blocks = [
+            (bx, by)
+            for by in range(iy0 // th * th, iy1, th)
+            for bx in range(ix0 // tw * tw, ix1, tw)
+        ]
+        bad: list[tuple[int, int, int, int]] = []  # level-0 (x, y, w, h) of the tiles that fail
+        detail = f"{type(exc).__name__}: {exc}"
+        if len(blocks) > MAX_TILES_SEARCHED:
+            bad_unknown = True
+        else:
+            bad_unknown = False
+            self.reopen()  # after a decode error OpenSlide fails every later read of this handle
+            for bx, by in blocks:
+                cx0, cy0 = max(bx, ix0), max(by, iy0)
+                cx1, cy1 = min(bx + tw, ix1), min(by + th, iy1)
+                loc0 = (math.ceil(cx0 * ds - 1e-9), math.ceil(cy0 * ds - 1e-9))
+                try:
+                    rgba = self._read_rgba(loc0, level, (cx1 - cx0, cy1 - cy0))
+                except Exception:
+                    bad.append((round(bx * ds), round(by * ds), round(tw * ds), round(th * ds)))
+                    self.reopen()
+                    continue
+                ty, tx = oy + cy0 - iy0, ox + cx0 - ix0
+                out[ty : ty + rgba.shape[0], tx : tx + rgba.shape[1]] = _composite_on_white(rgba)
+        if bad and self.skip_unreadable:
+            for b in bad:
+                if b not in self.skipped_tiles:
+                    self.skipped_tiles.append(b)
+            logger.warning(
+                "%s: skipped %d unreadable tile(s) at level %d, first at level-0 (%d, %d)",
+                self.path, len(bad), level, bad[0][0], bad[0][1],
+            )
+            return
+        if bad:
+            where = ", ".join(f"({bx}, {by})" for bx, by, _, _ in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            bw, bh = bad[0][2], bad[0][3]
+            message = (
+                f"{self.path}: {len(bad)} corrupt tile(s) of {bw}x{bh} level-0 px at level {level}, top-left "
+                f"at level-0 {where} (read at level-0 ({x0}, {y0}), size {w}x{h}): {detail}."
+            )
+        elif bad_unknown:
+            message = f"{self.path}: could not decode the region at level-0 ({x0}, {y0}), level {level}, size {w}x{h}: {detail}."
+        else:  # every tile decodes on a fresh handle: a transient error (I/O), not a corrupt tile
+            message = (
+                f"{self.path}: reading the region at level-0 ({x0}, {y0}), level {level}, size {w}x{h} failed "
+                f"({detail}) although each of its tiles decodes; check the storage the slide is read from."
+            )
+        raise SlideReadError(
+            message + " The slide file is probably corrupt at this location; re-export it, or allow skipping "
+            "unreadable tiles (`--skip-unreadable-tiles`)."
+        ) from exc
 
     def best_level_for_mpp(self, mpp: float) -> int:
         """The coarsest level whose resolution is at least as fine as ``mpp`` (never upsample if avoidable)."""
