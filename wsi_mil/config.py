@@ -123,7 +123,11 @@ def load_config(
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
-    data = _deep_merge(data, nested)
+    return validate_config(model, _deep_merge(data, nested), path)
+
+
+def validate_config(model: type[C], data: dict[str, Any], path: str | os.PathLike[str] | None = None) -> C:
+    """``model`` validated from ``data``; a :class:`ConfigError` names every unknown key and bad value."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
