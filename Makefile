@@ -1,4 +1,4 @@
-# wsi-mil: `make demo` sets up and runs the pipeline on the built-in sample cohort; `make test` sets up
+# wsi-mil: `make demo` sets up and runs `wsi-mil pipeline` on the built-in sample cohort; `make test` sets up
 # and runs the checks and tests. Both reuse .venv when it is up to date.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -21,13 +21,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-data.txt
 
 demo: $(STAMP)
 	$(BIN)/wsi-mil sample-data $(DEMO)/cohort --broken
-	$(BIN)/wsi-mil extract $(DEMO)/cohort/slides --out $(DEMO)/extract
-	$(BIN)/wsi-mil train $(DEMO)/extract/features --labels $(DEMO)/cohort/labels.csv --out $(DEMO)/train --overwrite
-	$(BIN)/wsi-mil predict $(DEMO)/extract/features --checkpoint $(DEMO)/train --labels $(DEMO)/cohort/labels.csv --out $(DEMO)/predict
-	$(BIN)/wsi-mil heatmap $(DEMO)/cohort/slides --scores $(DEMO)/predict --out $(DEMO)/heatmaps
-	@echo "--- broken slides: the good one is extracted, each broken one is reported (non-zero exit expected)"
+	@echo "--- broken slides: the good one is extracted, each broken one is explained (non-zero exit expected)"
 	-$(BIN)/wsi-mil -q extract $(DEMO)/cohort/broken --out $(DEMO)/extract_broken
-	@echo "demo outputs in $(DEMO)/ ; review page: $(DEMO)/heatmaps/index.html"
+	@echo "--- the pipeline: extract -> train (5-fold CV) -> predict -> heatmap + review page (configs/pipeline.yaml)"
+	$(BIN)/wsi-mil pipeline configs/pipeline.yaml --out $(DEMO)
 
 lint: $(STAMP)
 	$(BIN)/ruff check wsi_mil tests benchmarks
