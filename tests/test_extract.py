@@ -516,3 +516,38 @@ def test_threads_follow_omp_and_container_quota(monkeypatch) -> None:
     with extract_mod.torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+# --- row reads ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("slide_mpp", [0.25, 0.2631, 0.499, 0.5])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_row_reads_equal_tile_reads(make_slide, slide_mpp: float, overlap: bool) -> None:
+    """Tiles read a row at a time (one read per run of touching footprints, integral scale or not) are
+    pixel-identical to reading each tile on its own, and the rows really are read together."""
+    from wsi_mil.features.extract import TileBatches, TileSource
+
+    path = make_slide(f"rows_{slide_mpp}", mpp=slide_mpp, size=(1600, 1200))
+    footprint = 64 * 0.5 / slide_mpp
+    step = round(footprint * (0.75 if overlap else 1.0))
+    xs = np.arange(0, 1600 - 2 * footprint, step, dtype=np.int64)
+    grid = [(x, y) for y in (0, 3 * step, 5 * step) for x in xs if not (y == 0 and x == xs[2])]  # a gap
+    coords = np.array(grid, dtype=np.int64)
+    source = TileSource(path=str(path), backend="tiffslide", slide_mpp=slide_mpp, max_slide_px=10**10,
+                        max_read_px=10**9, mpp=0.5, tile_px=64, skip_unreadable=False)  # fmt: skip
+    dataset = TileBatches(source, coords)
+    calls = 0
+    slide = dataset._handle()
+    original = slide.read_region
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    slide.read_region = counting  # type: ignore[method-assign]
+    batch = dataset[list(range(len(coords)))]["tiles"].numpy()
+    assert calls <= 4 < len(coords)  # three rows, one broken by the gap
+    slide.read_region = original  # type: ignore[method-assign]
+    for i in range(len(coords)):
+        np.testing.assert_array_equal(batch[i], dataset.read_tile(i), err_msg=f"tile {i} at {coords[i]}")
+    dataset.close()

@@ -96,7 +96,7 @@ class TileBatches(Dataset[dict[str, Any]]):
         self.coords = np.asarray(coords, dtype=np.int64)
         self._slide: Slide | None = None
         self._pid = -1
-        self._rows: tuple[int, int, int] | None | bool = False  # not yet worked out
+        self._rows: tuple[int, int, int, bool] | None | bool = False  # not yet worked out
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -119,41 +119,66 @@ class TileBatches(Dataset[dict[str, Any]]):
             (x, y), (self.source.tile_px, self.source.tile_px), self.source.mpp
         )
 
-    def row_geometry(self) -> tuple[int, int, int] | None:
-        """``(level, level pixels per tile, level-0 stride)`` when a row of adjacent tiles read in one call
-        gives exactly the pixels of :meth:`read_tile` (an integral level-to-tile scale: block averages
-        never straddle two tiles); else None."""
+    def row_geometry(self) -> tuple[int, int, int, bool] | None:
+        """How tiles of one row can be read in one call: ``(level, level pixels per tile, level-0 width
+        of a tile's footprint, exact)``, or None when they cannot.
+
+        A row read gives exactly the pixels of :meth:`read_tile` when the footprints start on whole
+        pixels of the level read (level 0, or level-0 coordinates divisible by its downsample, which
+        the run checks). ``exact``: the level-to-tile scale is an integer, so one resize of the whole
+        row equals per-tile resizes (area averages never straddle two tiles); otherwise each tile's
+        footprint is cut out of the row and resized on its own.
+        """
         if self._rows is False:
             slide, px, mpp = self._handle(), self.source.tile_px, self.source.mpp
             level = slide.best_level_for_mpp(mpp)
             scale = mpp / slide.level_mpp(level)
             src = max(1, round(px * scale))
-            stride = src * slide.level_downsamples[level]
+            downsample = slide.level_downsamples[level]
+            width = src * downsample
             exact = scale >= 1 and abs(scale - round(scale)) < 1e-9 and src == round(scale) * px
-            self._rows = (level, src, round(stride)) if exact and abs(stride - round(stride)) < 1e-9 else None
+            whole = abs(downsample - round(downsample)) < 1e-9 and abs(width - round(width)) < 1e-9
+            self._rows = (level, src, round(width), exact) if whole else None
         return self._rows if self._rows is not False else None  # type: ignore[return-value]
 
     def _read_row(self, run: list[int], out: np.ndarray) -> None:
-        """Tiles ``run`` (left to right, adjacent) into ``out``: one read and one resize for the row."""
-        level, src, _ = self.row_geometry()  # type: ignore[misc]
+        """Tiles ``run`` (left to right on one row, footprints touching or overlapping) into ``out``:
+        one read for the row, then one resize (integral scale) or one per tile."""
+        level, src, _, exact = self.row_geometry()  # type: ignore[misc]
+        slide = self._handle()
+        downsample = round(slide.level_downsamples[level])
         px = self.source.tile_px
-        x, y = (int(v) for v in self.coords[run[0]])
-        region = self._handle().read_region((x, y), level, (src * len(run), src))
-        if src != px:
-            region = cv2.resize(region, (px * len(run), px), interpolation=cv2.INTER_AREA)
-        out[:] = region.reshape(px, len(run), px, 3).transpose(1, 0, 2, 3)
+        x0, y = (int(v) for v in self.coords[run[0]])
+        offsets = [(int(self.coords[i][0]) - x0) // downsample for i in run]
+        region = slide.read_region((x0, y), level, (offsets[-1] + src, src))
+        if exact and offsets == [k * src for k in range(len(run))]:
+            if src != px:
+                region = cv2.resize(region, (px * len(run), px), interpolation=cv2.INTER_AREA)
+            out[:] = region.reshape(px, len(run), px, 3).transpose(1, 0, 2, 3)
+            return
+        for j, dx in enumerate(offsets):
+            crop = region[:, dx : dx + src]
+            out[j] = crop if src == px else cv2.resize(crop, (px, px), interpolation=cv2.INTER_AREA)
 
     def _runs(self, idx: list[int]) -> list[list[int]]:
+        """Consecutive indices on one row whose footprints touch or overlap (read together)."""
         geometry = self.row_geometry()
         if geometry is None:
             return [[i] for i in idx]
-        stride = geometry[2]
+        downsample = round(self._handle().level_downsamples[geometry[0]])
+        width = geometry[2]
         runs: list[list[int]] = []
         for i in idx:
+            here = self.coords[i]
             if runs:
                 last = self.coords[runs[-1][-1]]
-                here = self.coords[i]
-                if here[1] == last[1] and here[0] - last[0] == stride:
+                first = self.coords[runs[-1][0]]
+                if (
+                    here[1] == last[1]
+                    and 0 < here[0] - last[0] <= width
+                    and here[0] % downsample == 0
+                    and first[0] % downsample == 0
+                ):
                     runs[-1].append(i)
                     continue
             runs.append([i])
@@ -735,12 +760,23 @@ def _shutdown(executor: ThreadPoolExecutor, ahead: dict[str, Future[_Prepared]])
     ahead.clear()
 
 
+def _loader_context() -> Any:
+    """The ``forkserver`` context for loader processes, its server preloading this module (torch and
+    the slide readers): each worker is then forked from a clean, single-threaded process that has
+    imported them once, instead of importing them again for every slide (seconds per worker)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # no effect once the server runs; it preloaded already
+    return ctx
+
+
 def _model_batches(n: int, batch_size: int) -> list[int]:
     """Split a slide's last, short batch into powers of two (e.g. 19 -> 16, 2, 1).
 
-    Every new input shape makes oneDNN (and cuDNN) build and cache kernels and scratch memory, and
-    the allocator keep blocks of new sizes: with one shape per slide tail, resident memory would grow
-    for the first dozens of slides. Powers of two bound the shapes to log2(batch size) + 1.
+    Each new input shape makes ``torch.compile`` recompile and oneDNN/cuDNN build (and keep) kernels;
+    with one tail size per slide a long run would keep meeting new shapes. Powers of two bound the
+    shapes to log2(batch size) + 1 over the whole run.
     """
     if n >= batch_size:
         return [n]
@@ -784,7 +820,7 @@ def _encode_slide(
             persistent_workers=False,
             # Never fork a process that runs torch threads (and maybe a reading thread): a forked
             # child can inherit a held lock and hang. forkserver starts workers from a clean process.
-            multiprocessing_context="forkserver",
+            multiprocessing_context=_loader_context(),
         )
     else:
         dataset = TileBatches(ready.source, coords)
