@@ -551,3 +551,20 @@ def test_row_reads_equal_tile_reads(make_slide, slide_mpp: float, overlap: bool)
     for i in range(len(coords)):
         np.testing.assert_array_equal(batch[i], dataset.read_tile(i), err_msg=f"tile {i} at {coords[i]}")
     dataset.close()
+
+
+def test_corrupt_tile_met_by_tissue_detection_fails_naming_it_or_is_skipped_on_request(tmp_path: Path) -> None:
+    """R4 for the sample cohort's broken slide, whose corrupt tile is met already by the whole-level
+    tissue/QC reads: by default the slide fails naming the tile; with skip_unreadable_tiles it is done."""
+    from wsi_mil.sample_data import write_broken_slides
+
+    bad = write_broken_slides(tmp_path / "broken")["corrupt_tile"]
+    summary = run_extract([bad], tmp_path / "strict", fast_config(), progress=False)
+    (record,) = summary.records
+    assert record["status"] == "failed" and record["error_class"] == "SlideReadError"
+    assert "level-0" in record["error"] and summary.exit_code == 1
+    summary = run_extract([bad], tmp_path / "tolerant", fast_config(skip_unreadable_tiles=True), progress=False)
+    (record,) = summary.records
+    assert record["status"] == "done", record
+    _, coords, attrs = read_h5(tmp_path / "tolerant" / "features" / f"{bad.stem}.h5")
+    assert attrs["n_skipped_segmentation_tiles"] >= 1 and len(coords) == record["n_tiles"] > 0

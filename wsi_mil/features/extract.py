@@ -590,7 +590,10 @@ def run_extract(
             slide = choose_reader(opened, cfg.slide.backend)
             if slide is not opened:
                 stack.callback(slide.close)
-            prepared = prepare_slide(slide, cfg.tissue, cfg.tiling, out_dir / "tissue", cfg.thumbnail_px)
+            prepared = prepare_slide(
+                slide, cfg.tissue, cfg.tiling, out_dir / "tissue", cfg.thumbnail_px,
+                skip_unreadable=cfg.skip_unreadable_tiles,
+            )  # fmt: skip
             grid = prepared.grid
             source = TileSource(
                 path=str(path),
@@ -623,6 +626,8 @@ def run_extract(
                 "config_hash": chash,
                 "precision": precision,
                 "coords_space": "level-0 pixels, top-left (x, y)",
+                # corrupt file tiles the tissue/QC reads met and read as glass (skip_unreadable_tiles)
+                "n_skipped_segmentation_tiles": len(prepared.skipped_tiles),
                 **identity,
             }
         # The slide handle used here is closed: tiles are read through handles of their own.
