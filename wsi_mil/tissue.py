@@ -263,7 +263,8 @@ class TissueResult:
         """Write :meth:`qc_image` of the slide's thumbnail as PNG, atomically."""
         thumb = slide.get_thumbnail(max_side_px)
         image = self.qc_image(thumb)
-        ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        # fast zlib level: the QC picture is written for every slide while the model waits for CPU
+        ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:  # pragma: no cover - OpenCV always encodes uint8 RGB
             raise RuntimeError(f"could not encode the QC image for {self.slide_id}")
         return atomic_write_bytes(path, buf.tobytes())
@@ -405,7 +406,7 @@ def _polygons(
     edges (marching squares at 0.5 on the piece's own bounding box, so memory stays bounded by the
     largest piece), then simplified by at most ``POLYGON_TOLERANCE_PX`` mask pixels.
     """
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     binary = mask.astype(np.uint8)
     total = int(binary.sum())
@@ -422,7 +423,7 @@ def _polygons(
             continue
         level0 = []
         for ring in rings:
-            ring = approximate_polygon(ring, POLYGON_TOLERANCE_PX)[:-1]  # (row, col), closed -> open
+            ring = _simplify(ring)
             # Padded crop index -> mask index -> level-0 pixels (mask pixel i spans [i, i + 1) * ds).
             xy = ring[:, ::-1] + (x0 - 1 + 0.5, y0 - 1 + 0.5)
             level0.append(xy * scale)
@@ -433,6 +434,14 @@ def _polygons(
     # Largest piece first: stable and convenient for QC.
     polygons.sort(key=lambda p: -p.area_um2)
     return polygons, total
+
+
+def _simplify(ring: np.ndarray) -> np.ndarray:
+    """Douglas-Peucker simplification (OpenCV's, in C) of a closed ``(row, col)`` contour to an open
+    ring, at most ``POLYGON_TOLERANCE_PX`` mask pixels from the traced outline."""
+    points = ring[:-1] if len(ring) > 1 and np.array_equal(ring[0], ring[-1]) else ring
+    simplified = cv2.approxPolyDP(points.astype(np.float32).reshape(-1, 1, 2), POLYGON_TOLERANCE_PX, True)
+    return simplified.reshape(-1, 2).astype(np.float64)
 
 
 def _signed_area(ring: np.ndarray) -> float:

@@ -694,6 +694,10 @@ def run_extract(
             **memory_use_mb(),
         }
 
+    # Start-up, like loading the model: the tissue stage's outline tracer pulls in scikit-image/SciPy
+    # (about a second); imported here it does not hold up the first slide.
+    import skimage.measure  # noqa: F401
+
     t0 = time.perf_counter()
     n_threads = resolve_threads(threads) if device.type == "cpu" else None
     with contextlib.ExitStack() as stack:
