@@ -49,9 +49,9 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cohort", type=Path, default=Path("/tmp/wsi_mil_bench/cohort"), help="built if missing")
     p.add_argument("--work", type=Path, default=Path("/tmp/wsi_mil_bench/extract"))
     p.add_argument("--encoder", default="resnet50_trunc")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=8, help="8: the CPU default (batch_size: null)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--encoder-batches", type=int, default=12, help="timed batches of the encoder alone")
     p.add_argument("--rss-slides", type=int, default=50)
     p.add_argument("--variants", action="store_true", help="also time pipeline variants (investigation)")
@@ -259,6 +259,15 @@ def main(argv: list[str] | None = None) -> None:
     say(f"   RSS after slide 1: {rss['rss'][0]:.0f} MB, after slide {rss['n']}: {rss['rss'][-1]:.0f} MB "
         f"(min {min(rss['rss']):.0f}, max {max(rss['rss']):.0f}); peak RSS after slide 1: {rss['peak'][0]:.0f} MB, "
         f"after slide {rss['n']}: {rss['peak'][-1]:.0f} MB")  # fmt: skip
+    say("   RSS by slide (MB): " + " ".join(f"{v:.0f}" for v in rss["rss"]))
+    if rss["n"] >= 20:
+        import numpy as np
+
+        warm = 10  # allocator pools and kernels for each tail-batch shape are made over the first slides
+        slope = float(np.polyfit(np.arange(warm, rss["n"]), rss["rss"][warm:], 1)[0])
+        say(f"   after the first {warm} slides (warm-up): RSS {rss['rss'][warm - 1]:.0f} MB after slide {warm}, "
+            f"{rss['rss'][-1]:.0f} MB after slide {rss['n']}; trend over slides {warm + 1}-{rss['n']}: "
+            f"{slope:+.2f} MB per slide (flat: |trend| < 1 MB per slide)")  # fmt: skip
     say()
     load1 = os.getloadavg()
     say(f"{time.perf_counter() - t_start:.0f} s in all; load average at the end {load1[0]:.1f} "

@@ -31,9 +31,9 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_bounds_and_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("tiling:\n  mpp: 0.25\n")
-    cfg = load_config(ExtractConfig, p, {"tiling.tile_px": 224, "batch_size": None})
-    assert cfg.tiling.mpp == 0.25 and cfg.tiling.tile_px == 224 and cfg.batch_size == 32
+    p.write_text("tiling:\n  mpp: 0.25\nbatch_size: 16\n")
+    cfg = load_config(ExtractConfig, p, {"tiling.tile_px": 224, "batch_size": None})  # None: flag not given
+    assert cfg.tiling.mpp == 0.25 and cfg.tiling.tile_px == 224 and cfg.batch_size == 16
     with pytest.raises(ConfigError, match="tiling.tile_px"):
         load_config(ExtractConfig, None, {"tiling.tile_px": 0})
     p.write_text("- a list\n")

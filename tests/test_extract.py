@@ -568,3 +568,23 @@ def test_corrupt_tile_met_by_tissue_detection_fails_naming_it_or_is_skipped_on_r
     assert record["status"] == "done", record
     _, coords, attrs = read_h5(tmp_path / "tolerant" / "features" / f"{bad.stem}.h5")
     assert attrs["n_skipped_segmentation_tiles"] >= 1 and len(coords) == record["n_tiles"] > 0
+
+
+def test_batch_size_default_by_device_and_forward_passes() -> None:
+    """null batch size: 8 on CPU, 128 on CUDA; tiles read together run as full batches, then the rest
+    in powers of two (a bounded set of input shapes over a whole run)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert extract_mod.resolve_batch_size(None, cpu) == 8 and extract_mod.resolve_batch_size(None, cuda) == 128
+    assert extract_mod.resolve_batch_size(5, cuda) == 5
+    assert extract_mod._model_batches(32, 8) == [8, 8, 8, 8]
+    assert extract_mod._model_batches(19, 16) == [16, 2, 1]
+    assert extract_mod._model_batches(37, 8) == [8, 8, 8, 8, 4, 1]
+    shapes = {s for n in range(1, 200) for s in extract_mod._model_batches(n, 8)}
+    assert shapes == {1, 2, 4, 8}
+    assert all(sum(extract_mod._model_batches(n, b)) == n for n in range(1, 70) for b in (1, 3, 8, 32))
+
+
+def test_the_resolved_batch_size_is_recorded(cohort: list[Path], tmp_path: Path) -> None:
+    cfg = fast_config().model_copy(update={"batch_size": None})
+    assert run_extract(cohort[:1], tmp_path / "out", cfg, progress=False).exit_code == 0
+    assert load_config(ExtractConfig, tmp_path / "out" / "config.yaml").batch_size == 8
