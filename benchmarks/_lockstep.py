@@ -91,7 +91,7 @@ class LockstepReplicas:
         """One Adam step for every active replica on its own loss; inactive replicas are left untouched
         (parameters and moments restored after the fused update)."""
         active = active.to(torch.bool)
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=True)  # backward then writes the gradients, no zero-fill and add
         (loss_per_replica * active.to(loss_per_replica)).sum().backward()
         inactive = torch.nonzero(~active).flatten()
         saved: list[tuple[Tensor, ...]] = []

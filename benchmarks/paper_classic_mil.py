@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _cells  # noqa: E402
 from _lockstep import LockstepReplicas  # noqa: E402
 from _mil_data import ClassicDataset, load_classic  # noqa: E402
 
@@ -271,6 +272,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (cells run in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--cells",
+        type=Path,
+        default=None,
+        help="finished cells are kept here and reused by a rerun with the same settings and code "
+        "(resume a stopped run); default benchmarks/results/cells (none with --quick)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="recompute every cell, keep nothing")
     return parser.parse_args(argv)
 
 
@@ -290,13 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     # the paper's methods first (so a long run can be stopped with the important cells done), big cells first
     jobs.sort(key=lambda job: (job[1] in ("mean", "max"), -_COST[job[0]]))
 
-    def collect(done: tuple[str, str, np.ndarray, float]) -> None:
+    cells = None if args.no_cache else args.cells or (None if args.quick else _cells.DEFAULT_DIR)
+
+    def key(job: tuple[str, str, Settings, int]) -> str:
+        d, m, s, _ = job
+        return _cells.cell_key(Path(__file__), f"{d}-{m}", METHODS[m], s)
+
+    def collect(done: tuple[str, str, np.ndarray, float], cached: bool = False) -> None:
         d, m, accuracy, elapsed = done
         results[(m, d)] = accuracy
         seconds[m] = seconds.get(m, 0.0) + elapsed
+        if not cached:
+            _cells.save(cells, key((d, m, settings, args.threads)),
+                        {"dataset": d, "method": m, "accuracy": accuracy.tolist(), "seconds": elapsed})  # fmt: skip
         print(
             f"[{time.perf_counter() - total_start:6.0f} s] {d:<8} {m:<15} "
-            f"accuracy {_cell(accuracy.ravel())} ({elapsed:.0f} s)",
+            f"accuracy {_cell(accuracy.ravel())} ({elapsed:.0f} s{', cached' if cached else ''})",
             file=sys.stderr,
             flush=True,
         )
@@ -305,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.output, format_report(results, settings, seconds) + "\n(partial: run in progress)\n"
             )
 
+    todo = []
+    for job in jobs:
+        hit = _cells.load(cells, key(job))
+        if hit is None:
+            todo.append(job)
+        else:
+            collect((job[0], job[1], np.asarray(hit["accuracy"]), float(hit["seconds"])), cached=True)
+    jobs = todo
     if args.jobs <= 1:
         for job in jobs:
             collect(_run_cell(job))

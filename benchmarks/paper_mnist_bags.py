@@ -51,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _cells  # noqa: E402
 from _lockstep import LockstepReplicas  # noqa: E402
 from _mil_data import DigitBags, ImageBagModel, load_mnist, make_digit_bags  # noqa: E402
 
@@ -414,6 +415,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (cells run in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
+    parser.add_argument(
+        "--cells",
+        type=Path,
+        default=None,
+        help="finished cells are kept here and reused by a rerun with the same settings and code "
+        "(resume a stopped run); default benchmarks/results/cells (none with --quick)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="recompute every cell, keep nothing")
     return parser.parse_args(argv)
 
 
@@ -443,11 +452,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], CellResult] = {}
     total_start = time.perf_counter()
 
-    def collect(cell: CellResult) -> None:
+    cells = None if args.no_cache else args.cells or (None if args.quick else _cells.DEFAULT_DIR)
+
+    def key(job: tuple[str, Method, int, Settings, int]) -> str:
+        name, method, n_train, s, _ = job
+        return _cells.cell_key(Path(__file__), f"{name}-{n_train}", method, n_train, s)
+
+    def collect(cell: CellResult, job_key: str | None = None) -> None:
         results[(cell.method, cell.n_train)] = cell
+        if job_key is not None:
+            _cells.save(cells, job_key, {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                                         for k, v in cell.__dict__.items()})  # fmt: skip
         print(
             f"[{time.perf_counter() - total_start:6.0f} s] {cell.method:<36} {cell.n_train:>4} bags: "
-            f"AUC {_ms(cell.auc)} ({cell.seconds:.0f} s)",
+            f"AUC {_ms(cell.auc)} ({cell.seconds:.0f} s{'' if job_key else ', cached'})",
             file=sys.stderr,
             flush=True,
         )
@@ -456,14 +474,23 @@ def main(argv: list[str] | None = None) -> int:
                 args.output, format_report(results, settings, sizes) + "\n(partial: run in progress)\n"
             )
 
+    todo = []
+    for job in jobs:
+        hit = _cells.load(cells, key(job))
+        if hit is None:
+            todo.append(job)
+        else:
+            collect(CellResult(**{k: (np.asarray(v, dtype=float) if isinstance(v, list) else v)
+                                  for k, v in hit.items()}))  # fmt: skip
     if args.jobs <= 1:
-        for job in jobs:
-            collect(_job(job))
+        for job in todo:
+            collect(_job(job), key(job))
     else:
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            for future in as_completed([pool.submit(_job, job) for job in jobs]):
-                collect(future.result())
+            futures = {pool.submit(_job, job): key(job) for job in todo}
+            for future in as_completed(futures):
+                collect(future.result(), futures[future])
     report = format_report(results, settings, sizes)
     report += (
         f"\ntotal wall time {time.perf_counter() - total_start:.0f} s "

@@ -111,3 +111,21 @@ def test_mnist_bags_quick_prints_auc_retrieval_and_ablation() -> None:
         "lambda=2",
     ):
         assert text in out
+
+
+def test_a_rerun_reuses_finished_cells_and_a_changed_setting_does_not(tmp_path: Path) -> None:
+    """Long paper runs resume: finished cells are stored and reused, keyed by settings and code."""
+    cells = tmp_path / "cells"
+    args = ("--jobs", "1", "--datasets", "MUSK1", "--methods", "mean", "max", "--cells", str(cells))
+    first = _run("paper_classic_mil.py", *args)
+    stored = sorted(p.name for p in cells.glob("*.json"))
+    assert len(stored) == 2 and all(name.startswith("paper_classic_mil__MUSK1-") for name in stored)
+    second = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "paper_classic_mil.py"), "--quick", *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert second.returncode == 0 and second.stderr.count(", cached)") == 2
+    table = [line for line in first.splitlines() if line.startswith("Embedding")]
+    assert table and table == [line for line in second.stdout.splitlines() if line.startswith("Embedding")]
+    _run("paper_classic_mil.py", *args, "--seed", "1")  # another setting: new cells, old ones kept
+    assert len(list(cells.glob("*.json"))) == 4

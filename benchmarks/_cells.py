@@ -1,0 +1,73 @@
+"""A cache of finished benchmark cells, so a long paper benchmark can be stopped and resumed.
+
+Each cell (one method on one data set or training-set size, every repetition) is a JSON file named by a
+hash of everything that determines its result: the benchmark, the cell's name, the method's settings,
+the run settings and the code of ``wsi_mil.mil`` and of the benchmark's own helpers. A rerun with the
+same settings loads finished cells instead of training them again; changing a setting or the model code
+gives new keys, so a stale cell is never reused. The files are small (accuracies, AUCs, seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DIR = ROOT / "benchmarks" / "results" / "cells"
+#: source files whose change invalidates every cached cell
+CODE_FILES = (
+    *sorted((ROOT / "wsi_mil" / "mil").glob("*.py")),
+    ROOT / "benchmarks" / "_lockstep.py",
+    ROOT / "benchmarks" / "_mil_data.py",
+)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def code_digest(script: Path) -> str:
+    h = hashlib.sha256()
+    for path in (*CODE_FILES, script):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cell_key(script: Path, cell: str, *parts: Any) -> str:
+    """A file-name-safe key: the cell's readable name and a hash of its settings and the code."""
+    blob = json.dumps([code_digest(script), cell, *[_plain(p) for p in parts]], sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cell)
+    return f"{Path(script).stem}__{safe}__{digest}"
+
+
+def load(folder: Path | None, key: str) -> dict[str, Any] | None:
+    if folder is None:
+        return None
+    path = folder / f"{key}.json"
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def save(folder: Path | None, key: str, payload: dict[str, Any]) -> None:
+    """Write atomically (temp file, then rename): a killed run never leaves a half cell."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{key}.json"
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(partial, path)
