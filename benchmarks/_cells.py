@@ -71,3 +71,34 @@ def save(folder: Path | None, key: str, payload: dict[str, Any]) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     partial.write_text(json.dumps(payload, indent=1, sort_keys=True))
     os.replace(partial, path)
+
+
+def add_arguments(parser: Any) -> None:
+    """``--cells DIR`` and ``--no-cache`` on a benchmark's argument parser."""
+    parser.add_argument(
+        "--cells",
+        type=Path,
+        default=None,
+        help="finished cells are kept here and reused by a rerun with the same settings and code "
+        "(resume a stopped run); default benchmarks/results/cells (none with --quick)",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="recompute every cell, keep nothing")
+
+
+def folder(args: Any) -> Path | None:
+    """Where this run keeps its cells (``None``: keep nothing)."""
+    if args.no_cache:
+        return None
+    return args.cells or (None if args.quick else DEFAULT_DIR)
+
+
+def partition(cells: Path | None, jobs: list[Any], key: Any) -> tuple[list[Any], list[tuple[Any, dict[str, Any]]]]:
+    """``(jobs still to run, [(job, its stored cell)])``; ``key(job)`` names a job's cell."""
+    todo, done = [], []
+    for job in jobs:
+        hit = load(cells, key(job))
+        if hit is None:
+            todo.append(job)
+        else:
+            done.append((job, hit))
+    return todo, done

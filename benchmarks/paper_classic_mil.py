@@ -272,14 +272,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (cells run in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
-    parser.add_argument(
-        "--cells",
-        type=Path,
-        default=None,
-        help="finished cells are kept here and reused by a rerun with the same settings and code "
-        "(resume a stopped run); default benchmarks/results/cells (none with --quick)",
-    )
-    parser.add_argument("--no-cache", action="store_true", help="recompute every cell, keep nothing")
+    _cells.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -299,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     # the paper's methods first (so a long run can be stopped with the important cells done), big cells first
     jobs.sort(key=lambda job: (job[1] in ("mean", "max"), -_COST[job[0]]))
 
-    cells = None if args.no_cache else args.cells or (None if args.quick else _cells.DEFAULT_DIR)
+    cells = _cells.folder(args)
 
     def key(job: tuple[str, str, Settings, int]) -> str:
         d, m, s, _ = job
@@ -323,14 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.output, format_report(results, settings, seconds) + "\n(partial: run in progress)\n"
             )
 
-    todo = []
-    for job in jobs:
-        hit = _cells.load(cells, key(job))
-        if hit is None:
-            todo.append(job)
-        else:
-            collect((job[0], job[1], np.asarray(hit["accuracy"]), float(hit["seconds"])), cached=True)
-    jobs = todo
+    jobs, stored = _cells.partition(cells, jobs, key)
+    for job, hit in stored:
+        collect((job[0], job[1], np.asarray(hit["accuracy"]), float(hit["seconds"])), cached=True)
     if args.jobs <= 1:
         for job in jobs:
             collect(_run_cell(job))

@@ -415,14 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (cells run in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
-    parser.add_argument(
-        "--cells",
-        type=Path,
-        default=None,
-        help="finished cells are kept here and reused by a rerun with the same settings and code "
-        "(resume a stopped run); default benchmarks/results/cells (none with --quick)",
-    )
-    parser.add_argument("--no-cache", action="store_true", help="recompute every cell, keep nothing")
+    _cells.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -452,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple[str, int], CellResult] = {}
     total_start = time.perf_counter()
 
-    cells = None if args.no_cache else args.cells or (None if args.quick else _cells.DEFAULT_DIR)
+    cells = _cells.folder(args)
 
     def key(job: tuple[str, Method, int, Settings, int]) -> str:
         name, method, n_train, s, _ = job
@@ -474,14 +467,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.output, format_report(results, settings, sizes) + "\n(partial: run in progress)\n"
             )
 
-    todo = []
-    for job in jobs:
-        hit = _cells.load(cells, key(job))
-        if hit is None:
-            todo.append(job)
-        else:
-            collect(CellResult(**{k: (np.asarray(v, dtype=float) if isinstance(v, list) else v)
-                                  for k, v in hit.items()}))  # fmt: skip
+    todo, stored = _cells.partition(cells, jobs, key)
+    for _, hit in stored:
+        collect(CellResult(**{k: (np.asarray(v, dtype=float) if isinstance(v, list) else v)
+                              for k, v in hit.items()}))  # fmt: skip
     if args.jobs <= 1:
         for job in todo:
             collect(_job(job), key(job))
