@@ -28,7 +28,9 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-def _train_each_alone(models, optimizers, bags, labels) -> None:  # type: ignore[no-untyped-def]
+def _train_each_alone(
+    models: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], bags: list[torch.Tensor], labels: torch.Tensor
+) -> None:
     """One Adam step of each model on its own bag, as the lock-step engine must reproduce."""
     for model, optimizer, bag, label in zip(models, optimizers, bags, labels, strict=True):
         optimizer.zero_grad()
@@ -36,7 +38,9 @@ def _train_each_alone(models, optimizers, bags, labels) -> None:  # type: ignore
         optimizer.step()
 
 
-def _assert_same_weights(engine: LockstepReplicas, models, skip: set[str] = set()) -> None:  # type: ignore[no-untyped-def]  # noqa: B006
+def _assert_same_weights(
+    engine: LockstepReplicas, models: list[torch.nn.Module], skip: frozenset[str] = frozenset()
+) -> None:
     for r, model in enumerate(models):
         for key, value in model.state_dict().items():
             if key not in skip:
@@ -66,7 +70,7 @@ def test_lockstep_training_equals_training_each_replica_alone(name: str) -> None
         engine.step(terms.total, torch.ones(3, dtype=torch.bool))
         _train_each_alone(alone, optimizers, bags, labels)
     # softmax ignores the attention bias: its gradient is rounding noise, which Adam scales up
-    _assert_same_weights(engine, alone, skip={"attention_w.bias"})
+    _assert_same_weights(engine, alone, skip=frozenset({"attention_w.bias"}))
 
 
 def test_a_sitting_out_replica_is_left_untouched() -> None:
