@@ -87,6 +87,11 @@ class LockstepReplicas:
     Args:
         models: R modules of identical structure whose ``forward(x, mask)`` returns a ``MILOutput``.
         lr, weight_decay, betas, eps: Adam settings (``torch.optim.Adam`` semantics, L2 decay).
+        fused: torch's fused Adam kernel (one pass over each stacked tensor).
+        autocast_bf16: run ``forward`` under CPU bf16 autocast. Not used by the paper benchmarks: on
+            these small models the casts cost about what bf16 saves (1.2x on MUSK2 only, slower on small
+            bags); ``torch.set_float32_matmul_precision("medium")`` gets the bf16 matmuls without them.
+        dropout_seed: seed of the numpy generator that draws the dropout masks (see ``_BytesDropout``).
     """
 
     def __init__(
