@@ -76,17 +76,22 @@ def test_lockstep_training_equals_training_each_replica_alone(name: str) -> None
 def test_a_sitting_out_replica_is_left_untouched() -> None:
     torch.manual_seed(0)
     models = [create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(5,)) for _ in range(3)]
-    engine = LockstepReplicas(models, lr=1e-2)
+    engine = LockstepReplicas(models, lr=1e-2, weight_decay=1e-2)
     x = torch.randn(7, 4)
     for step in range(3):
         before = [engine.replica_state(r) for r in range(3)]
         moments = [s["exp_avg"].clone() for s in engine.optimizer.state.values()]
-        active = torch.tensor([True, step != 1, True])
+        # replica 2 sits out the very first step (before Adam has moments), replica 1 a later one
+        active = torch.tensor([True, step != 1, step != 0])
         out = engine.forward(x, shared_input=True, train=True)
         engine.step(mil_loss(out, torch.ones(3, dtype=torch.long), reduction="none").total, active)
         after = [engine.replica_state(r) for r in range(3)]
         changed = [any(not torch.equal(before[r][k], after[r][k]) for k in after[r]) for r in range(3)]
         assert changed == active.tolist()
+        if step == 0:  # its moments are still zero, as if it had not met Adam yet (weight decay included)
+            for state in engine.optimizer.state.values():
+                assert not state["exp_avg"][2].any() and not state["exp_avg_sq"][2].any()
+                assert state["exp_avg"][0].any()
         if step == 1:
             for old, state in zip(moments, engine.optimizer.state.values(), strict=True):
                 assert torch.equal(old[1], state["exp_avg"][1])
