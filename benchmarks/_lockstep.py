@@ -17,8 +17,9 @@ arithmetic is exactly Adam's.
 What makes a lock-step cheap on a CPU (measured with ``torch.profiler`` on MUSK1/MUSK2/Elephant, 50
 replicas, one core):
 
-* dropout masks come from numpy's random bytes (``_BytesDropout``), not torch's ``bernoulli_``, which
-  was a quarter of a MUSK2 lock-step;
+* dropout masks come from numpy's random bytes (``_MaskDropout``), not torch's ``bernoulli_``, which
+  was a quarter of a MUSK2 lock-step, and hold the ``1 / (1 - p)`` scale, so dropout is one
+  multiplication forward and one backward;
 * stacked linear weights are stored in the layout vmap's weight gradients come out in, and gradients
   are taken with ``torch.autograd.grad``: no per-step layout copy (a third of a small-bag lock-step);
 * the rows of sitting-out replicas are saved and restored with two ``torch._foreach`` calls;
@@ -45,40 +46,85 @@ from torch.func import functional_call, stack_module_state, vmap
 from wsi_mil.mil import MILOutput
 
 
-class _BytesDropout(nn.Module):
-    """``nn.Dropout(p)`` with its keep-mask read from random bytes the engine passes in as ``bits``.
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
 
-    torch's CPU ``bernoulli_`` costs about 9 ns per element, which was a quarter of a MUSK2 lock-step;
-    numpy's PCG64 gives random bytes at about 0.05 ns each. A unit is kept iff its byte is
-    ``>= 256 p``, which is a Bernoulli(1 - p) draw exactly when ``256 p`` is an integer (0.5, 0.25, ...;
-    other rates keep torch's dropout). Kept units are scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does.
+    A lock-step allocates and frees the same tens of megabytes (stacked activations and gradients) every
+    step. By default glibc serves blocks that big with ``mmap`` and unmaps them when freed, so every step
+    page-faults them in afresh: about 900 faults per Elephant lock-step, 15% of its time. This sets
+    ``M_MMAP_MAX`` to 0 (every block from the heap) and ``M_TRIM_THRESHOLD`` to its maximum (the heap is
+    never shrunk). It changes no numbers, only where memory comes from; the process keeps its peak heap
+    until it exits. Returns False, and changes nothing, where the C library has no ``mallopt`` (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+class _MaskDropout(nn.Module):
+    """``nn.Dropout(p)`` that multiplies by a mask the engine passes in as ``multiplier``.
+
+    The engine draws the masks with numpy (``dropout_multipliers``): torch's CPU ``bernoulli_`` costs
+    about 9 ns per element, which was a quarter of a MUSK2 lock-step. The mask already holds
+    ``1 / (1 - p)`` on kept units and 0 on dropped ones, so the forward pass is one multiplication and
+    so is its backward (a 0/1 mask times a scale was four passes over the activations).
     """
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.threshold = round(256 * p)
-        self.bits: Tensor | None = None  # [rows * width] uint8 for one replica, set through functional_call
+        self.multiplier: Tensor | None = None  # [rows * width] float32 for one replica, via functional_call
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.bits is None:
-            raise RuntimeError("the lock-step engine passes the dropout bytes in training mode")
-        keep = self.bits[: x.numel()].view(x.shape) >= self.threshold
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        if self.multiplier is None:
+            raise RuntimeError("the lock-step engine passes the dropout masks in training mode")
+        return x * self.multiplier[: x.numel()].view(x.shape)
 
 
-def _swap_dropout(model: nn.Module) -> list[str]:
-    """Replace every ``nn.Dropout`` whose rate is a multiple of 1/256 by ``_BytesDropout``; their names."""
-    names = []
+def dropout_multipliers(rng: np.random.Generator, p: float, count: int) -> Tensor:
+    """``count`` independent dropout multipliers: ``1 / (1 - p)`` with probability ``1 - p``, else 0.
+
+    A unit is kept iff its random byte (numpy PCG64, about 0.05 ns a byte) is ``>= 256 p``: exactly a
+    Bernoulli(1 - p) draw when ``256 p`` is an integer, which ``_swap_dropout`` requires. The scale is
+    the float32 ``1 / (1 - p)`` that ``nn.Dropout`` multiplies by.
+    """
+    threshold = round(256 * p)
+    if threshold != 256 * p or not 0 < threshold < 256:
+        raise ValueError(f"dropout rate {p} is not a multiple of 1/256 in (0, 1)")
+    keep = np.frombuffer(rng.bytes(count), dtype=np.uint8) >= threshold
+    multiplier = keep.astype(np.float32)
+    multiplier *= np.float32(1.0 / (1.0 - p))
+    return torch.from_numpy(multiplier)
+
+
+def _swap_dropout(model: nn.Module) -> list[tuple[str, float, int | None]]:
+    """Replace every ``nn.Dropout`` whose rate is a multiple of 1/256 by ``_MaskDropout``.
+
+    Returns ``(name, rate, width)`` for each: ``width`` is the output size of the last ``nn.Linear``
+    before it (the units per instance it drops), or None where there is none.
+    """
+    swapped = []
+    width: int | None = None
     for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            width = module.out_features
         if type(module) is nn.Dropout and module.p > 0 and float(256 * module.p).is_integer():
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _BytesDropout(float(module.p)))
-            names.append(name)
-    return names
+            setattr(parent, child, _MaskDropout(float(module.p)))
+            swapped.append((name, float(module.p), width))
+    return swapped
 
 
 class LockstepReplicas:
@@ -91,7 +137,7 @@ class LockstepReplicas:
         autocast_bf16: run ``forward`` under CPU bf16 autocast. Not used by the paper benchmarks: on
             these small models the casts cost about what bf16 saves (1.2x on MUSK2 only, slower on small
             bags); ``torch.set_float32_matmul_precision("medium")`` gets the bf16 matmuls without them.
-        dropout_seed: seed of the numpy generator that draws the dropout masks (see ``_BytesDropout``).
+        dropout_seed: seed of the numpy generator that draws the dropout masks (see ``_MaskDropout``).
     """
 
     def __init__(
@@ -107,12 +153,14 @@ class LockstepReplicas:
     ) -> None:
         self.n_replicas = len(models)
         self.base = copy.deepcopy(models[0]).to("meta")
-        self.dropout_names = _swap_dropout(self.base)
-        # widest layer: bounds the units per instance that any dropout of the instance MLP sees
-        self.max_width = max(
+        swapped = _swap_dropout(self.base)
+        self.dropout_names = [name for name, _, _ in swapped]
+        # widest layer: bounds the units per instance of a dropout whose width is not known
+        max_width = max(
             (max(m.in_features, m.out_features) for m in self.base.modules() if isinstance(m, nn.Linear)),
             default=1,
         )
+        self.dropout_shapes = [(p, width or max_width) for _, p, width in swapped]  # rate, units per row
         self.dropout_rng = np.random.default_rng(dropout_seed)
         self.autocast_bf16 = autocast_bf16
         params, buffers = stack_module_state(list(models))
@@ -132,12 +180,13 @@ class LockstepReplicas:
             self.params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused
         )
         self.lock_steps = 0
+        self._arrays: list[np.ndarray] | None = None
 
     def _call(
-        self, params: tuple[Tensor, ...], bits: tuple[Tensor, ...], x: Tensor, mask: Tensor | None
+        self, params: tuple[Tensor, ...], masks: tuple[Tensor, ...], x: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         state = dict(zip(self.names, params, strict=True))
-        state.update({f"{name}.bits": b for name, b in zip(self.dropout_names, bits, strict=True)})
+        state.update({f"{name}.multiplier": m for name, m in zip(self.dropout_names, masks, strict=True)})
         out = functional_call(self.base, state, (x, mask))
         assert out.instance_logits is not None
         return out.bag_logits, out.instance_logits, out.attention
@@ -146,14 +195,15 @@ class LockstepReplicas:
         """The stacked parameters in the model's layout (views of the stored ones)."""
         return tuple(p.transpose(1, 2) if t else p for p, t in zip(self.params, self.transposed, strict=True))
 
-    def _dropout_bits(self, rows: int) -> tuple[Tensor, ...]:
-        """Fresh random bytes for every replaced dropout: ``[R, rows * max_width]`` uint8 each."""
-        size = rows * self.max_width
+    def _dropout_masks(self, rows: int, train: bool) -> tuple[Tensor, ...]:
+        """Fresh masks for every replaced dropout, ``[R, rows * width]`` float32 each (see
+        ``dropout_multipliers``); in eval mode dropout is the identity, but vmap still needs a batched
+        argument, so they are empty."""
+        if not train:
+            return tuple(torch.zeros(self.n_replicas, 0) for _ in self.dropout_names)
         return tuple(
-            torch.frombuffer(bytearray(self.dropout_rng.bytes(self.n_replicas * size)), dtype=torch.uint8).view(
-                self.n_replicas, size
-            )
-            for _ in self.dropout_names
+            dropout_multipliers(self.dropout_rng, p, self.n_replicas * rows * width).view(self.n_replicas, -1)
+            for p, width in self.dropout_shapes
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *, shared_input: bool, train: bool) -> MILOutput:
@@ -166,10 +216,7 @@ class LockstepReplicas:
         in_x = None if shared_input else 0
         params = self._model_params()
         rows = x.shape[0] if shared_input else x.shape[1]  # instances per replica (per bag when padded)
-        if train:
-            bits = self._dropout_bits(rows)
-        else:  # dropout is the identity in eval mode; vmap still needs a batched argument
-            bits = tuple(torch.zeros(self.n_replicas, 0, dtype=torch.uint8) for _ in self.dropout_names)
+        masks = self._dropout_masks(rows, train)
         precision = (
             torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
         )
@@ -180,10 +227,10 @@ class LockstepReplicas:
                     return self._call(p, b, xx, None)
 
                 fn: Any = vmap(call, in_dims=(0, 0, in_x), randomness="different" if train else "error")
-                bag, inst, att = fn(params, bits, x)
+                bag, inst, att = fn(params, masks, x)
             else:
                 fn = vmap(self._call, in_dims=(0, 0, in_x, 0), randomness="different" if train else "error")
-                bag, inst, att = fn(params, bits, x, mask)
+                bag, inst, att = fn(params, masks, x, mask)
         if self.autocast_bf16:  # the library keeps attention in float32; bring the logits up too
             bag, inst, att = bag.float(), inst.float(), att.float()
         return MILOutput(bag_logits=bag, instance_logits=inst, attention=att)
@@ -197,32 +244,35 @@ class LockstepReplicas:
             # torch's fused CPU Adam pairs elements by memory order: a gradient in another layout (a conv
             # weight's after channels-last activations) must be made contiguous like its parameter
             p.grad = g if g.stride() == p.stride() else g.contiguous()
-        inactive = torch.nonzero(~active).flatten().tolist()
-        views: list[Tensor] = []
-        saved: list[Tensor] = []
-        if inactive and self.optimizer.state:
-            # the rows of the sitting-out replicas (parameters and both moments), saved and restored with
-            # two foreach calls: per-tensor indexing was 13% of a small-bag lock-step
+        inactive = np.flatnonzero(~active.numpy())
+        if inactive.size == 0:
+            self.optimizer.step()
+        else:
+            # the rows of the sitting-out replicas (parameters and both moments) are saved and restored
+            # through numpy views of the same memory: a numpy indexing op costs about a microsecond, a
+            # torch one several (per-tensor torch indexing was 13% of a small-bag lock-step)
+            first_step = not self.optimizer.state
+            arrays = [p.detach().numpy() for p in self.params] if first_step else self._state_arrays()
+            saved = [a[inactive] for a in arrays]
+            self.optimizer.step()
+            for a, rows in zip(arrays, saved, strict=True):
+                a[inactive] = rows
+            if first_step:  # Adam created the moments (zeros) in step(): the sitting-out rows stay zero
+                for p in self.params:
+                    state = self.optimizer.state[p]
+                    state["exp_avg"].numpy()[inactive] = 0.0
+                    state["exp_avg_sq"].numpy()[inactive] = 0.0
+        self.lock_steps += 1
+
+    def _state_arrays(self) -> list[np.ndarray]:
+        """numpy views sharing memory with every stacked parameter and its two Adam moments (fused Adam
+        updates them in place, so the views stay valid); made once, after the first step."""
+        if self._arrays is None:
+            self._arrays = []
             for p in self.params:
                 state = self.optimizer.state[p]
-                for tensor in (p.detach(), state["exp_avg"], state["exp_avg_sq"]):
-                    views += [tensor[r] for r in inactive]
-            saved = torch._foreach_mul(views, 1.0)
-        elif inactive:  # first step: Adam creates the moments (zeros) in step(); restore them to zero
-            views = [p.detach()[r] for p in self.params for r in inactive]
-            saved = torch._foreach_mul(views, 1.0)
-        first_step = not self.optimizer.state
-        self.optimizer.step()
-        self.lock_steps += 1
-        if saved:
-            with torch.no_grad():
-                torch._foreach_copy_(views, saved)
-                if first_step:
-                    for p in self.params:
-                        state = self.optimizer.state[p]
-                        for r in inactive:
-                            state["exp_avg"][r].zero_()
-                            state["exp_avg_sq"][r].zero_()
+                self._arrays += [p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()]
+        return self._arrays
 
     def replica_state(self, index: int) -> dict[str, Tensor]:
         """The parameters of one replica, as a state dict for the library model."""
@@ -264,22 +314,19 @@ class LockstepReplicas:
             p for n, p in zip(self.names, model_params, strict=True) if n.startswith(head_prefix)
         )
         dropout_names = [n.removeprefix(head_prefix) for n in self.dropout_names]
-        if train:
-            bits = self._dropout_bits(padded.shape[1])
-        else:
-            bits = tuple(torch.zeros(self.n_replicas, 0, dtype=torch.uint8) for _ in self.dropout_names)
+        masks = self._dropout_masks(padded.shape[1], train)
 
         def call(
             ps: tuple[Tensor, ...], bs: tuple[Tensor, ...], x: Tensor, m: Tensor
         ) -> tuple[Tensor, Tensor, Tensor]:
             state = {n.removeprefix(head_prefix): p for n, p in zip(head_names, ps, strict=True)}
-            state.update({f"{n}.bits": b for n, b in zip(dropout_names, bs, strict=True)})
+            state.update({f"{n}.multiplier": b for n, b in zip(dropout_names, bs, strict=True)})
             out = functional_call(head_module, state, (x, m))
             assert out.instance_logits is not None
             return out.bag_logits, out.instance_logits, out.attention
 
         fn = vmap(call, in_dims=(0, 0, 0, 0), randomness="different" if train else "error")
-        bag, inst, att = fn(head_params, bits, padded, mask)
+        bag, inst, att = fn(head_params, masks, padded, mask)
         return MILOutput(bag_logits=bag, instance_logits=inst, attention=att), mask
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _cells  # noqa: E402
-from _lockstep import LockstepReplicas  # noqa: E402
+from _lockstep import LockstepReplicas, keep_freed_memory  # noqa: E402
 from _mil_data import ClassicDataset, load_classic  # noqa: E402
 
 from wsi_mil.mil import create_model, mil_loss  # noqa: E402
@@ -183,6 +183,7 @@ def _run_cell(job: tuple[str, str, Settings, int]) -> tuple[str, str, np.ndarray
     dataset, method, settings, threads = job
     torch.set_num_threads(threads)
     torch.set_float32_matmul_precision(settings.matmul_precision)
+    keep_freed_memory()  # no page faults on the per-step buffers: same numbers, faster
     start = time.perf_counter()
     data = load_classic(dataset)
     if settings.bags_per_class is not None:

@@ -197,27 +197,34 @@ def test_ragged_training_and_evaluation_equal_each_replica_alone() -> None:
 
 
 def test_engine_dropout_keeps_each_unit_with_probability_one_minus_p_and_differs_per_replica() -> None:
-    from _lockstep import _BytesDropout
+    from _lockstep import _MaskDropout, dropout_multipliers
 
     torch.manual_seed(0)
     models = [create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(64,), dropout=0.5) for _ in range(3)]
     models.append(create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(64,), dropout=0.5))
     engine = LockstepReplicas(models, lr=1e-3, dropout_seed=5)
     assert engine.dropout_names == ["mlp.2"]
-    assert isinstance(engine.base.get_submodule("mlp.2"), _BytesDropout)
+    assert engine.dropout_shapes == [(0.5, 64)]  # rate, and the units per instance it drops
+    assert isinstance(engine.base.get_submodule("mlp.2"), _MaskDropout)
     # torch's dropout stays where the rate is not a multiple of 1/256
     odd = LockstepReplicas([create_model("loss_attention", in_dim=4, n_classes=2, hidden_dims=(8,), dropout=0.3)], lr=1e-3)
     assert odd.dropout_names == []
+    with pytest.raises(ValueError, match="1/256"):
+        dropout_multipliers(np.random.default_rng(0), 0.3, 10)
 
-    module = _BytesDropout(0.5)
-    x = torch.ones(400, 64)
-    module.bits = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 400 * 64, dtype=np.uint8))
-    out = module(x)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.5) < 0.01  # 25,600 draws: std 0.003
-    assert torch.equal(out[kept], torch.full((int(kept.sum()),), 2.0))  # kept units scaled by 1 / (1 - p)
-    module.eval()
-    assert torch.equal(module(x), x)
+    for p in (0.5, 0.25):
+        module = _MaskDropout(p)
+        x = torch.ones(400, 64, requires_grad=True)
+        module.multiplier = dropout_multipliers(np.random.default_rng(0), p, 400 * 64)
+        out = module(x)
+        kept = out != 0
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.01  # 25,600 draws: std <= 0.003
+        scale = torch.tensor(1 / (1 - p), dtype=torch.float32)  # the float32 factor nn.Dropout uses
+        assert torch.equal(out[kept], scale.expand(int(kept.sum())))
+        out.sum().backward()  # dropout's gradient is its mask
+        assert x.grad is not None and torch.equal(x.grad, out.detach())
+        module.eval()
+        assert torch.equal(module(x), x)
 
     # in training every replica draws its own mask, and a new one at every step
     bag = torch.randn(50, 4)
