@@ -5,14 +5,12 @@ The benchmarks repeat each experiment many times (folds x runs, repetitions), so
 replicas of one configuration at once: the replicas' parameters are stacked and the *library's own*
 model (``wsi_mil.mil.create_model``) is evaluated for every replica with ``torch.func.vmap`` over
 ``functional_call``; the loss is the library's ``mil_loss`` with ``reduction="none"`` (one term per
-replica), summed so each replica receives exactly its own gradient. The optimiser is
-``torch.optim.Adam`` (fused kernel) on the stacked tensors; Adam is elementwise, so each replica gets
-exactly the update it would get alone, with one exception: the bias correction uses one step count for
-all replicas (the number of lock-steps). In the cross-validation benchmark a replica sits out the steps
-whose bag is in its held-out fold (its loss is masked and its parameters and moments are restored after
-the update), so its own step count is about 10% lower; this changes its effective step size by at most
-5% in the first epochs and by under 0.5% after 50 epochs. Without sitting-out steps (MNIST-bags) the
-arithmetic is exactly Adam's.
+replica), summed so each replica receives exactly its own gradient. The update is Adam's, per replica:
+torch's fused Adam kernel runs on each active replica's rows of the stacked parameters and moments, with
+that replica's own step count. A replica can sit out a lock-step (in the cross-validation benchmark,
+the steps whose bag is in its held-out fold): its loss is masked, and its parameters, moments and step
+count are not touched. So every replica follows exactly the arithmetic of training it alone with
+``torch.optim.Adam`` on its own bags, which a test checks.
 
 What makes a lock-step cheap on a CPU (measured with ``torch.profiler`` on MUSK1/MUSK2/Elephant, 50
 replicas, one core):
@@ -22,7 +20,8 @@ replicas, one core):
   multiplication forward and one backward;
 * stacked linear weights are stored in the layout vmap's weight gradients come out in, and gradients
   are taken with ``torch.autograd.grad``: no per-step layout copy (a third of a small-bag lock-step);
-* the rows of sitting-out replicas are saved and restored with two ``torch._foreach`` calls;
+* Adam runs on the active replicas' rows only: no save and restore of sitting-out replicas (13% of a
+  small-bag lock-step when done with torch indexing), no optimizer bookkeeping in Python;
 * ``forward_ragged`` runs a per-instance backbone (MNIST-bags' LeNet) replica by replica on the real
   instances only, so no time goes to padding and channels-last kernels can be used, and the MIL head of
   all replicas at once on the padded embeddings.
@@ -132,8 +131,9 @@ class LockstepReplicas:
 
     Args:
         models: R modules of identical structure whose ``forward(x, mask)`` returns a ``MILOutput``.
-        lr, weight_decay, betas, eps: Adam settings (``torch.optim.Adam`` semantics, L2 decay).
-        fused: torch's fused Adam kernel (one pass over each stacked tensor).
+        lr, weight_decay, betas, eps: Adam settings (``torch.optim.Adam`` semantics, L2 decay), applied
+            with torch's fused Adam kernel (``torch._fused_adam_``, what ``torch.optim.Adam(fused=True)``
+            calls), one pass over each active replica's rows.
         autocast_bf16: run ``forward`` under CPU bf16 autocast. Not used by the paper benchmarks: on
             these small models the casts cost about what bf16 saves (1.2x on MUSK2 only, slower on small
             bags); ``torch.set_float32_matmul_precision("medium")`` gets the bf16 matmuls without them.
@@ -147,7 +147,6 @@ class LockstepReplicas:
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        fused: bool = True,
         autocast_bf16: bool = False,
         dropout_seed: int = 0,
     ) -> None:
@@ -175,12 +174,25 @@ class LockstepReplicas:
             (params[k].transpose(1, 2) if t else params[k]).detach().contiguous().requires_grad_(True)
             for k, t in zip(self.names, self.transposed, strict=True)
         ]
-        # torch's fused Adam on the stacked tensors: elementwise, so every replica gets its own update
-        self.optimizer = torch.optim.Adam(
-            self.params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused
-        )
+        self.adam = {
+            "lr": float(lr),
+            "beta1": float(betas[0]),
+            "beta2": float(betas[1]),
+            "weight_decay": float(weight_decay),
+            "eps": float(eps),
+            "amsgrad": False,
+            "maximize": False,
+        }
+        self.exp_avg = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, requires_grad=False) for p in self.params]
+        self.steps = torch.zeros(self.n_replicas)  # Adam's step count of each replica (float, as torch keeps it)
+        # per-replica views of every parameter and moment (made once; Adam updates them in place)
+        self._rows = [
+            (p.detach().unbind(0), m.unbind(0), v.unbind(0))
+            for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True)
+        ]
+        self._step_rows = self.steps.unbind(0)
         self.lock_steps = 0
-        self._arrays: list[np.ndarray] | None = None
 
     def _call(
         self, params: tuple[Tensor, ...], masks: tuple[Tensor, ...], x: Tensor, mask: Tensor | None
@@ -236,43 +248,28 @@ class LockstepReplicas:
         return MILOutput(bag_logits=bag, instance_logits=inst, attention=att)
 
     def step(self, loss_per_replica: Tensor, active: Tensor) -> None:
-        """One Adam step for every active replica on its own loss; inactive replicas are left untouched
-        (parameters and moments restored after the fused update)."""
+        """One Adam step for every active replica on its own loss; inactive replicas are not touched
+        (parameters, moments and step count)."""
         active = active.to(torch.bool)
         grads = torch.autograd.grad((loss_per_replica * active.to(loss_per_replica)).sum(), self.params)
-        for p, g in zip(self.params, grads, strict=True):
+        rows = np.flatnonzero(active.numpy()).tolist()
+        self.steps += active.to(self.steps.dtype)  # torch's Adam counts the step before the update
+        params: list[Tensor] = []
+        moments: list[Tensor] = []
+        squares: list[Tensor] = []
+        grad_rows: list[Tensor] = []
+        for (p_rows, m_rows, v_rows), p, g in zip(self._rows, self.params, grads, strict=True):
             # torch's fused CPU Adam pairs elements by memory order: a gradient in another layout (a conv
             # weight's after channels-last activations) must be made contiguous like its parameter
-            p.grad = g if g.stride() == p.stride() else g.contiguous()
-        inactive = np.flatnonzero(~active.numpy())
-        if inactive.size == 0:
-            self.optimizer.step()
-        else:
-            # the rows of the sitting-out replicas (parameters and both moments) are saved and restored
-            # through numpy views of the same memory: a numpy indexing op costs about a microsecond, a
-            # torch one several (per-tensor torch indexing was 13% of a small-bag lock-step)
-            first_step = not self.optimizer.state
-            arrays = [p.detach().numpy() for p in self.params] if first_step else self._state_arrays()
-            saved = [a[inactive] for a in arrays]
-            self.optimizer.step()
-            for a, rows in zip(arrays, saved, strict=True):
-                a[inactive] = rows
-            if first_step:  # Adam created the moments (zeros) in step(): the sitting-out rows stay zero
-                for p in self.params:
-                    state = self.optimizer.state[p]
-                    state["exp_avg"].numpy()[inactive] = 0.0
-                    state["exp_avg_sq"].numpy()[inactive] = 0.0
+            g_rows = (g if g.stride() == p.stride() else g.contiguous()).unbind(0)
+            params += [p_rows[r] for r in rows]
+            moments += [m_rows[r] for r in rows]
+            squares += [v_rows[r] for r in rows]
+            grad_rows += [g_rows[r] for r in rows]
+        steps = [self._step_rows[r] for r in rows] * len(self.params)
+        with torch.no_grad():
+            torch._fused_adam_(params, grad_rows, moments, squares, [], steps, **self.adam)  # type: ignore[attr-defined]
         self.lock_steps += 1
-
-    def _state_arrays(self) -> list[np.ndarray]:
-        """numpy views sharing memory with every stacked parameter and its two Adam moments (fused Adam
-        updates them in place, so the views stay valid); made once, after the first step."""
-        if self._arrays is None:
-            self._arrays = []
-            for p in self.params:
-                state = self.optimizer.state[p]
-                self._arrays += [p.detach().numpy(), state["exp_avg"].numpy(), state["exp_avg_sq"].numpy()]
-        return self._arrays
 
     def replica_state(self, index: int) -> dict[str, Tensor]:
         """The parameters of one replica, as a state dict for the library model."""
