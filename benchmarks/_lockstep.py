@@ -96,17 +96,20 @@ class _MaskDropout(nn.Module):
 def dropout_multipliers(rng: np.random.Generator, p: float, count: int) -> Tensor:
     """``count`` independent dropout multipliers: ``1 / (1 - p)`` with probability ``1 - p``, else 0.
 
-    A unit is kept iff its random byte (numpy PCG64, about 0.05 ns a byte) is ``>= 256 p``: exactly a
-    Bernoulli(1 - p) draw when ``256 p`` is an integer, which ``_swap_dropout`` requires. The scale is
-    the float32 ``1 / (1 - p)`` that ``nn.Dropout`` multiplies by.
+    A unit is kept iff its random byte (numpy PCG64) is ``>= 256 p``: exactly a Bernoulli(1 - p) draw
+    when ``256 p`` is an integer, which ``_swap_dropout`` requires. For p = 0.5 a unit takes one random
+    bit instead of a byte (kept iff the bit is 1): the random draws were most of a big bag's mask time.
+    The scale is the float32 ``1 / (1 - p)`` that ``nn.Dropout`` multiplies by.
     """
     threshold = round(256 * p)
     if threshold != 256 * p or not 0 < threshold < 256:
         raise ValueError(f"dropout rate {p} is not a multiple of 1/256 in (0, 1)")
-    keep = np.frombuffer(rng.bytes(count), dtype=np.uint8) >= threshold
-    multiplier = keep.astype(np.float32)
-    multiplier *= np.float32(1.0 / (1.0 - p))
-    return torch.from_numpy(multiplier)
+    scale = np.float32(1.0 / (1.0 - p))
+    if threshold == 128:
+        keep = np.unpackbits(np.frombuffer(rng.bytes((count + 7) // 8), dtype=np.uint8), count=count)
+    else:
+        keep = np.frombuffer(rng.bytes(count), dtype=np.uint8) >= threshold
+    return torch.from_numpy(np.multiply(keep, scale, dtype=np.float32))
 
 
 def _swap_dropout(model: nn.Module) -> list[tuple[str, float, int | None]]:
@@ -194,14 +197,44 @@ class LockstepReplicas:
             for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True)
         ]
         self._step_rows = self.steps.unbind(0)
+        # after forward(replicas=...): (those replicas, their parameter copies) for the next step
+        self._subset: tuple[list[int], list[Tensor]] | None = None
+        # where each parameter and dropout mask lives in self.base, for _call's swap
+        self._slots = [self._slot(name) for name in self.names]
+        self._mask_modules = [self.base.get_submodule(name) for name in self.dropout_names]
+        self._base_mode: bool | None = None  # train/eval mode forward last set on every module of self.base
         self.lock_steps = 0
+
+    def _slot(self, name: str) -> tuple[nn.Module, str, Tensor]:
+        owner, _, attr = name.rpartition(".")
+        module = self.base.get_submodule(owner) if owner else self.base
+        return module, attr, module._parameters[attr]  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _swapped(self, slots: Sequence[tuple[nn.Module, str, Tensor]], tensors: Sequence[Tensor]) -> Any:
+        """``functional_call``'s parameter swap, done directly on the engine's own meta-device copy of the
+        model (its generic bookkeeping was a tenth of a small-bag lock-step); the meta parameters are put
+        back after, so no reference to a step's tensors is kept."""
+        for (module, attr, _), tensor in zip(slots, tensors, strict=True):
+            module._parameters[attr] = tensor  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            for module, attr, original in slots:
+                module._parameters[attr] = original  # type: ignore[assignment]
 
     def _call(
         self, params: tuple[Tensor, ...], masks: tuple[Tensor, ...], x: Tensor, mask: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        state = dict(zip(self.names, params, strict=True))
-        state.update({f"{name}.multiplier": m for name, m in zip(self.dropout_names, masks, strict=True)})
-        out = functional_call(self.base, state, (x, mask))
+        """The model with these parameters and dropout masks."""
+        for module, m in zip(self._mask_modules, masks, strict=True):
+            module.multiplier = m
+        try:
+            with self._swapped(self._slots, params):
+                out = self.base(x, mask)
+        finally:
+            for module in self._mask_modules:
+                module.multiplier = None
         assert out.instance_logits is not None
         return out.bag_logits, out.instance_logits, out.attention
 
@@ -209,28 +242,58 @@ class LockstepReplicas:
         """The stacked parameters in the model's layout (views of the stored ones)."""
         return tuple(p.transpose(1, 2) if t else p for p, t in zip(self.params, self.transposed, strict=True))
 
-    def _dropout_masks(self, rows: int, train: bool) -> tuple[Tensor, ...]:
-        """Fresh masks for every replaced dropout, ``[R, rows * width]`` float32 each (see
-        ``dropout_multipliers``); in eval mode dropout is the identity, but vmap still needs a batched
-        argument, so they are empty."""
+    def _dropout_masks(self, rows: int, train: bool, replicas: int | None = None) -> tuple[Tensor, ...]:
+        """Fresh masks for every replaced dropout, ``[replicas, rows * width]`` float32 each (see
+        ``dropout_multipliers``; all R replicas by default); in eval mode dropout is the identity, but vmap
+        still needs a batched argument, so they are empty."""
+        count = self.n_replicas if replicas is None else replicas
         if not train:
-            return tuple(torch.zeros(self.n_replicas, 0) for _ in self.dropout_names)
+            return tuple(torch.zeros(count, 0) for _ in self.dropout_names)
         return tuple(
-            dropout_multipliers(self.dropout_rng, p, self.n_replicas * rows * width).view(self.n_replicas, -1)
+            dropout_multipliers(self.dropout_rng, p, count * rows * width).view(count, -1)
             for p, width in self.dropout_shapes
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, *, shared_input: bool, train: bool) -> MILOutput:
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        *,
+        shared_input: bool,
+        train: bool,
+        replicas: Sequence[int] | None = None,
+    ) -> MILOutput:
         """Outputs stacked over replicas: ``bag_logits [R, K]``, ``instance_logits [R, n, K]``, ``attention [R, n]``.
 
         ``x`` is one bag for every replica (``shared_input``) or ``[R, ...]`` one bag per replica, with
         ``mask [R, n]`` when those bags are padded to a common length.
+
+        ``replicas`` (ascending indices): run only these replicas; ``x`` and ``mask`` still hold all R,
+        and the outputs are stacked over these only. Their parameters are copied for this lock-step, so
+        the replicas left out cost nothing else: worth it when the step's work outweighs copying the
+        parameters (a big bag), not otherwise. The next ``step`` must have exactly these replicas active.
         """
-        self.base.train(train)
+        if self._base_mode is not train:  # set the mode of all modules only when it changes
+            self.base.train(train)
+            self._base_mode = train
+        self._subset = None
+        if replicas is None:
+            params = self._model_params()
+            count = self.n_replicas
+        else:
+            rows = [int(r) for r in replicas]
+            index = torch.tensor(rows, dtype=torch.long)
+            leaves = [p.detach().index_select(0, index).requires_grad_(True) for p in self.params]
+            self._subset = (rows, leaves)
+            params = tuple(q.transpose(1, 2) if t else q for q, t in zip(leaves, self.transposed, strict=True))
+            count = len(rows)
+            if not shared_input:
+                x = x.index_select(0, index)
+            if mask is not None:
+                mask = mask.index_select(0, index)
         in_x = None if shared_input else 0
-        params = self._model_params()
-        rows = x.shape[0] if shared_input else x.shape[1]  # instances per replica (per bag when padded)
-        masks = self._dropout_masks(rows, train)
+        rows_per_bag = x.shape[0] if shared_input else x.shape[1]  # instances per replica (per bag when padded)
+        masks = self._dropout_masks(rows_per_bag, train, count)
         precision = (
             torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
         )
@@ -251,26 +314,40 @@ class LockstepReplicas:
 
     def step(self, loss_per_replica: Tensor, active: Tensor) -> None:
         """One Adam step for every active replica on its own loss; inactive replicas are not touched
-        (parameters, moments and step count)."""
+        (parameters, moments and step count). After ``forward(replicas=...)``, ``loss_per_replica`` holds
+        those replicas' losses and ``active`` must mark exactly them."""
         active = active.to(torch.bool)
-        grads = torch.autograd.grad((loss_per_replica * active.to(loss_per_replica)).sum(), self.params)
         rows = np.flatnonzero(active.numpy()).tolist()
+        subset, self._subset = self._subset, None
+        if subset is not None:
+            if subset[0] != rows:
+                raise ValueError("the active replicas differ from the ones the last forward ran")
+            grads = torch.autograd.grad(loss_per_replica.sum(), subset[1])
+            grad_rows = [  # row j of each is replica rows[j]; same memory order as the parameter (below)
+                (g if g.stride() == q.stride() else g.contiguous()).unbind(0)
+                for q, g in zip(subset[1], grads, strict=True)
+            ]
+        else:
+            grads = torch.autograd.grad((loss_per_replica * active.to(loss_per_replica)).sum(), self.params)
+            grad_rows = []
+            for p, g in zip(self.params, grads, strict=True):
+                # torch's fused CPU Adam pairs elements by memory order: a gradient in another layout (a conv
+                # weight's after channels-last activations) must be made contiguous like its parameter
+                g_all = (g if g.stride() == p.stride() else g.contiguous()).unbind(0)
+                grad_rows.append([g_all[r] for r in rows])
         self.steps += active.to(self.steps.dtype)  # torch's Adam counts the step before the update
         params: list[Tensor] = []
         moments: list[Tensor] = []
         squares: list[Tensor] = []
-        grad_rows: list[Tensor] = []
-        for (p_rows, m_rows, v_rows), p, g in zip(self._rows, self.params, grads, strict=True):
-            # torch's fused CPU Adam pairs elements by memory order: a gradient in another layout (a conv
-            # weight's after channels-last activations) must be made contiguous like its parameter
-            g_rows = (g if g.stride() == p.stride() else g.contiguous()).unbind(0)
+        gradients: list[Tensor] = []
+        for (p_rows, m_rows, v_rows), g_rows in zip(self._rows, grad_rows, strict=True):
             params += [p_rows[r] for r in rows]
             moments += [m_rows[r] for r in rows]
             squares += [v_rows[r] for r in rows]
-            grad_rows += [g_rows[r] for r in rows]
+            gradients += g_rows
         steps = [self._step_rows[r] for r in rows] * len(self.params)
         with torch.no_grad():
-            torch._fused_adam_(params, grad_rows, moments, squares, [], steps, **self.adam)  # type: ignore[attr-defined]
+            torch._fused_adam_(params, gradients, moments, squares, [], steps, **self.adam)  # type: ignore[attr-defined]
         self.lock_steps += 1
 
     def replica_state(self, index: int) -> dict[str, Tensor]:
@@ -290,19 +367,22 @@ class LockstepReplicas:
         """
         if any(name.startswith(f"{backbone}.") for name in self.dropout_names):
             raise NotImplementedError("dropout in a ragged backbone")
+        self._subset = None
         model_params = self._model_params()
         back_prefix, head_prefix = f"{backbone}.", f"{head}."
-        per_replica = [
-            (name.removeprefix(back_prefix), p.unbind(0))  # one UnbindBackward, not R zero-filled selects
-            for name, p in zip(self.names, model_params, strict=True)
+        back = [
+            (slot, p.unbind(0))  # one UnbindBackward, not R zero-filled selects
+            for slot, name, p in zip(self._slots, self.names, model_params, strict=True)
             if name.startswith(back_prefix)
         ]
+        back_slots = [slot for slot, _ in back]
         module = self.base.get_submodule(backbone)
+        self._base_mode = None  # submodules' modes set separately
         module.train(train)
-        embeddings = [
-            functional_call(module, {name: ps[r] for name, ps in per_replica}, (bag,))
-            for r, bag in enumerate(bags)
-        ]
+        embeddings = []
+        for r, bag in enumerate(bags):
+            with self._swapped(back_slots, [rows[r] for _, rows in back]):
+                embeddings.append(module(bag))
         lengths = torch.tensor([e.shape[0] for e in embeddings])
         padded = torch.nn.utils.rnn.pad_sequence(embeddings, batch_first=True)  # [R, n_max, d]
         mask = torch.arange(padded.shape[1]) < lengths[:, None]
@@ -333,6 +413,7 @@ class LockstepReplicas:
         """Eval-mode ``model.<prefix>(*args)`` with one replica's weights (no vmap, no padding): lets a
         benchmark run a per-instance backbone on each replica's own, ragged inputs."""
         module = self.base.get_submodule(prefix)
+        self._base_mode = None  # submodules' modes set separately
         module.eval()
         start = f"{prefix}."
         state = {
@@ -347,6 +428,7 @@ class LockstepReplicas:
         """Eval-mode ``model.<prefix>(features[r], mask[r])`` for every replica r at once (vmap):
         ``features [R, B, n, d]``, ``mask [R, B, n]``; outputs stacked over replicas."""
         module = self.base.get_submodule(prefix)
+        self._base_mode = None  # submodules' modes set separately
         module.eval()
         start = f"{prefix}."
         names = [n for n in self.names if n.startswith(start)]

@@ -98,6 +98,9 @@ class Settings:
     dropout: float = 0.5
     seed: int = 0
     bags_per_class: int | None = None  # smoke tests: train on a small subset of the bags
+    # a bag of at least this many instances runs its active replicas only (LockstepReplicas.forward's
+    # ``replicas``): below it, copying their parameters costs more than the sitting-out replicas' work
+    subset_min_instances: int = 128
     # "medium": float32 matmuls run on bf16 inputs with float32 accumulation where the CPU has bf16 units
     # (oneDNN; torch.set_float32_matmul_precision), like TF32 on a GPU; "highest" is plain float32
     matmul_precision: str = "medium"
@@ -154,20 +157,22 @@ def train_and_test(ds: ClassicDataset, method: Method, settings: Settings) -> np
         for _ in range(n_replicas)
     ]
     engine = LockstepReplicas(models, lr=settings.lr, weight_decay=settings.weight_decay)
-    bags = [torch.from_numpy(ds.bag(i)) for i in range(ds.n_bags)]
     labels = torch.from_numpy(ds.labels).long()
     active_all = torch.from_numpy(~test_mask)  # [R, n_bags]
+    sizes_list = sizes.tolist()
+    active_rows = [np.flatnonzero(~test_mask[:, i]).tolist() for i in range(ds.n_bags)]
 
     def standardised(index: int) -> torch.Tensor:
         return standardised_all[:, ds.offsets[index] : ds.offsets[index + 1]]  # [R, n, d]
 
     for _ in range(settings.epochs):
         for index in rng.permutation(ds.n_bags):
-            output = engine.forward(standardised(index), shared_input=False, train=True)
+            rows = active_rows[index] if sizes_list[index] >= settings.subset_min_instances else None
+            output = engine.forward(standardised(index), shared_input=False, train=True, replicas=rows)
             terms = mil_loss(
                 output,
-                labels[index].expand(n_replicas),
-                recall_weight=method.recall_weight / (len(bags[index]) if method.recall_per_instance else 1),
+                labels[index].expand(n_replicas if rows is None else len(rows)),
+                recall_weight=method.recall_weight / (sizes_list[index] if method.recall_per_instance else 1),
                 reduction="none",
             )
             engine.step(terms.total, active_all[:, index])

@@ -56,7 +56,8 @@ def _assert_same_weights(
 @pytest.mark.parametrize("name", ["loss_attention", "abmil", "max"])
 def test_lockstep_training_equals_training_each_replica_alone(name: str) -> None:
     """Replicas that sit out some lock-steps equal models trained alone on their active steps only:
-    each replica has its own Adam step count (bias correction)."""
+    each replica has its own Adam step count (bias correction), whether the sitting-out replicas are
+    computed and masked or left out of the step (``replicas=``)."""
     torch.manual_seed(0)
     models = [
         create_model(name, in_dim=6, n_classes=2, hidden_dims=(8,), dropout=0.0).double() for _ in range(3)
@@ -68,7 +69,8 @@ def test_lockstep_training_equals_training_each_replica_alone(name: str) -> None
     # replica 2 sits out the very first step, replica 1 two later ones, replica 0 none
     schedule = [[True, True, False], [True, True, True], [True, False, True], [True, True, True],
                 [True, False, True], [True, True, True], [True, True, True]]
-    for active in schedule:
+    subset_steps = 0
+    for step, active in enumerate(schedule):
         lengths = torch.randint(1, 7, (3,), generator=generator).tolist()
         bags = [torch.randn(n, 6, generator=generator, dtype=torch.float64) for n in lengths]
         labels = torch.randint(0, 2, (3,), generator=generator)
@@ -76,10 +78,18 @@ def test_lockstep_training_equals_training_each_replica_alone(name: str) -> None
         mask = torch.zeros(3, max(lengths), dtype=torch.bool)
         for r, bag in enumerate(bags):
             padded[r, : len(bag)], mask[r, : len(bag)] = bag, True
-        out = engine.forward(padded, mask, shared_input=False, train=True)
-        terms = mil_loss(out, labels, recall_weight=0.5, mask=mask, reduction="none")
+        if all(active) or step % 4:  # partial steps 0 and 4 leave replicas out, step 2 masks them
+            out = engine.forward(padded, mask, shared_input=False, train=True)
+            terms = mil_loss(out, labels, recall_weight=0.5, mask=mask, reduction="none")
+        else:  # only the active replicas run (their parameters copied for the step)
+            rows = [r for r in range(3) if active[r]]
+            out = engine.forward(padded, mask, shared_input=False, train=True, replicas=rows)
+            terms = mil_loss(out, labels[rows], recall_weight=0.5, mask=mask[rows], reduction="none")
+            assert out.bag_logits.shape[0] == len(rows)
+            subset_steps += 1
         engine.step(terms.total, torch.tensor(active))
         _train_each_alone(alone, optimizers, bags, labels, active)
+    assert subset_steps == 2
     assert engine.steps.tolist() == [7.0, 5.0, 6.0]
     # softmax ignores the attention bias: its gradient is rounding noise, which Adam scales up
     _assert_same_weights(engine, alone, skip=frozenset({"attention_w.bias"}))
@@ -248,3 +258,21 @@ def test_engine_dropout_keeps_each_unit_with_probability_one_minus_p_and_differs
     assert not torch.allclose(pair[0], pair[1])
     evaluated = same_weights.forward(bag, shared_input=True, train=False).instance_logits
     torch.testing.assert_close(evaluated[0], evaluated[1])
+
+
+def test_lenet_second_convolution_in_bf16_stays_close_to_float32_and_float64_ignores_it() -> None:
+    from _mil_data import LeNetFeatures
+
+    torch.manual_seed(0)
+    plain = LeNetFeatures()
+    fast = copy.deepcopy(plain)
+    fast.conv2_bf16 = True
+    digits = torch.rand(6, 1, 28, 28)
+    reference, features = plain(digits), fast(digits)
+    assert features.dtype == torch.float32 and features.shape == (6, LeNetFeatures.out_dim)
+    relative = ((features - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 1e-2  # bf16 rounding: different, but only just
+    features.sum().backward()
+    assert fast.conv2.weight.grad is not None and fast.conv2.weight.grad.dtype == torch.float32
+    assert fast.conv2.weight.grad.abs().sum() > 0 and fast.conv1.weight.grad is not None
+    assert torch.equal(fast.double()(digits.double()), plain.double()(digits.double()))
