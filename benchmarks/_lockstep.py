@@ -15,9 +15,13 @@ count are not touched. So every replica follows exactly the arithmetic of traini
 What makes a lock-step cheap on a CPU (measured with ``torch.profiler`` on MUSK1/MUSK2/Elephant, 50
 replicas, one core):
 
-* dropout masks come from numpy's random bytes (``_MaskDropout``), not torch's ``bernoulli_``, which
-  was a quarter of a MUSK2 lock-step, and hold the ``1 / (1 - p)`` scale, so dropout is one
-  multiplication forward and one backward;
+* dropout masks come from numpy's random bytes, one bit per unit for p = 0.5 (``_MaskDropout``), not
+  torch's ``bernoulli_``, which was a quarter of a MUSK2 lock-step, and hold the ``1 / (1 - p)`` scale,
+  so dropout is one multiplication forward and one backward;
+* ``forward(replicas=...)`` leaves the sitting-out replicas out of a big bag's step (their parameters
+  are copied for it, which only pays on big bags: 3-5% of a MUSK2 cell);
+* the replicas' parameters are swapped into the engine's meta-device model directly, without
+  ``functional_call``'s generic bookkeeping (about 3% of a small-bag lock-step);
 * stacked linear weights are stored in the layout vmap's weight gradients come out in, and gradients
   are taken with ``torch.autograd.grad``: no per-step layout copy (a third of a small-bag lock-step);
 * Adam runs on the active replicas' rows only: no save and restore of sitting-out replicas (13% of a
@@ -28,9 +32,10 @@ replicas, one core):
   instances only, so no time goes to padding and channels-last kernels can be used, and the MIL head of
   all replicas at once on the padded embeddings.
 
-``tests/test_paper_benchmarks.py`` checks that lock-step training (padded and ragged) equals training
-each replica on its own with ``torch.optim.Adam``, that a sitting-out replica is left untouched, and
-that the dropout keeps each unit with probability 1 - p, with its own mask per replica and step.
+``tests/test_paper_benchmarks.py`` checks that lock-step training (padded, ragged, and with replicas
+left out of a step) equals training each replica on its own with ``torch.optim.Adam``, that a
+sitting-out replica is left untouched, and that the dropout keeps each unit with probability 1 - p,
+with its own mask per replica and step.
 """
 from __future__ import annotations
 
@@ -213,7 +218,7 @@ class LockstepReplicas:
     @contextlib.contextmanager
     def _swapped(self, slots: Sequence[tuple[nn.Module, str, Tensor]], tensors: Sequence[Tensor]) -> Any:
         """``functional_call``'s parameter swap, done directly on the engine's own meta-device copy of the
-        model (its generic bookkeeping was a tenth of a small-bag lock-step); the meta parameters are put
+        model (its generic bookkeeping was about 3% of a small-bag lock-step); the meta parameters are put
         back after, so no reference to a step's tensors is kept."""
         for (module, attr, _), tensor in zip(slots, tensors, strict=True):
             module._parameters[attr] = tensor  # type: ignore[assignment]
