@@ -3,9 +3,11 @@
 The paper's protocol is one bag per optimiser step, which on a CPU is dominated by per-step overhead.
 The benchmarks repeat each experiment many times (folds x runs, repetitions), so they train all
 replicas of one configuration at once: the replicas' parameters are stacked and the *library's own*
-model (``wsi_mil.mil.create_model``) is evaluated for every replica with ``torch.func.vmap`` over
-``functional_call``; the loss is the library's ``mil_loss`` with ``reduction="none"`` (one term per
-replica), summed so each replica receives exactly its own gradient. The update is Adam's, per replica:
+model (``wsi_mil.mil.create_model``) runs once per lock-step with the replicas as its padded batch of
+bags. Only its linear layers are swapped (``_ReplicaLinear``: one ``baddbmm``, replica r's rows times
+replica r's weights); every other operation of the library's models already treats each bag of a batch
+on its own. The loss is the library's ``mil_loss`` with ``reduction="none"`` (one term per replica),
+summed so each replica receives exactly its own gradient. The update is Adam's, per replica:
 torch's fused Adam kernel runs on each active replica's rows of the stacked parameters and moments, with
 that replica's own step count. A replica can sit out a lock-step (in the cross-validation benchmark,
 the steps whose bag is in its held-out fold): its loss is masked, and its parameters, moments and step
@@ -20,12 +22,15 @@ replicas, one core):
   so dropout is one multiplication forward and one backward;
 * ``forward(replicas=...)`` leaves the sitting-out replicas out of a big bag's step (their parameters
   are copied for it, which only pays on big bags: 3-5% of a MUSK2 cell);
-* the replicas' parameters are swapped into the engine's meta-device model directly, without
-  ``functional_call``'s generic bookkeeping (about 3% of a small-bag lock-step);
-* stacked linear weights are stored in the layout vmap's weight gradients come out in, and gradients
-  are taken with ``torch.autograd.grad``: no per-step layout copy (a third of a small-bag lock-step);
+* the model runs on the replicas as a batch, not under ``torch.func.vmap`` (9-12% of a small-bag
+  lock-step, about 2% of a MUSK2 one), and the replicas' parameters are swapped into the engine's
+  meta-device model directly, without ``functional_call``'s generic bookkeeping (about 3% more);
+* stacked linear weights are stored as ``[R, in, out]``, the layout ``baddbmm`` takes and its weight
+  gradients come out in, and gradients are taken with ``torch.autograd.grad``: no per-step layout copy
+  (a third of a small-bag lock-step when the layout differed);
 * Adam runs on the active replicas' rows only: no save and restore of sitting-out replicas (13% of a
-  small-bag lock-step when done with torch indexing), no optimizer bookkeeping in Python;
+  small-bag lock-step when done with torch indexing), no optimizer bookkeeping in Python (its argument
+  lists are kept for each set of active replicas);
 * ``keep_freed_memory()``, which the benchmarks' workers call, stops glibc from unmapping and
   page-faulting the per-step buffers again every step (about 15% of a small-bag lock-step);
 * ``forward_ragged`` runs a per-instance backbone (MNIST-bags' LeNet) replica by replica on the real
@@ -88,14 +93,18 @@ class _MaskDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-        self.multiplier: Tensor | None = None  # [rows * width] float32 for one replica, via functional_call
+        # float32 multipliers the engine sets: [R, rows * width] for x [R, rows, width] (all replicas at
+        # once), or [rows * width] for one replica's x (under vmap)
+        self.multiplier: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self.multiplier is None:
+        m = self.multiplier
+        if m is None:
             raise RuntimeError("the lock-step engine passes the dropout masks in training mode")
-        return x * self.multiplier[: x.numel()].view(x.shape)
+        per_row = x.numel() // m.shape[0] if m.dim() == 2 else x.numel()  # a wider mask: its first units
+        return x * m[..., :per_row].reshape(x.shape)
 
 
 def dropout_multipliers(rng: np.random.Generator, p: float, count: int) -> Tensor:
@@ -136,6 +145,41 @@ def _swap_dropout(model: nn.Module) -> list[tuple[str, float, int | None]]:
     return swapped
 
 
+class _ReplicaLinear(nn.Module):
+    """``nn.Linear`` in the engine's meta-device model, for one replica or all of them at once.
+
+    With one replica's weight ``[out, in]`` (per-replica calls: a ragged backbone, ``vmap``) it is
+    ``F.linear``. With the stacked weights in the engine's stored layout ``[R, in, out]`` and biases
+    ``[R, out]`` it maps ``x [R, ..., in]`` with one ``baddbmm``: replica r's rows times its own weight.
+    So the library model's ``forward`` on a padded batch ``[R, n, d]`` runs every replica at once, with
+    the replicas as the batch: its other operations (attention, pooling, the loss) already treat each
+    batch row on its own.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if weight.dim() == 2:
+            return nn.functional.linear(x, weight, bias)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        y = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows, weight)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _swap_linear(model: nn.Module) -> None:
+    """Replace every ``nn.Linear`` of ``model`` by a ``_ReplicaLinear`` sharing its parameters."""
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _ReplicaLinear(module))
+
+
 class LockstepReplicas:
     """R replicas of ``models[0]``'s architecture (each with its own initial weights) trained together.
 
@@ -170,15 +214,17 @@ class LockstepReplicas:
             default=1,
         )
         self.dropout_shapes = [(p, width or max_width) for _, p, width in swapped]  # rate, units per row
+        _swap_linear(self.base)
         self.dropout_rng = np.random.default_rng(dropout_seed)
         self.autocast_bf16 = autocast_bf16
         params, buffers = stack_module_state(list(models))
         if buffers:
             raise ValueError("lock-step training supports models without buffers only")
         self.names = list(params)
-        # Stacked linear weights [R, out, in] are stored as contiguous [R, in, out] and handed to the model
-        # transposed: vmap's weight gradients come out in that layout, so they reach Adam contiguous
-        # (otherwise each is copied every step, a third of a small-bag lock-step).
+        # Stacked linear weights [R, out, in] are stored as contiguous [R, in, out]: _ReplicaLinear's
+        # baddbmm takes them so and its weight gradients come out in that layout, so they reach Adam
+        # contiguous (otherwise each is copied every step, a third of a small-bag lock-step). Per-replica
+        # calls get them transposed back (_model_params).
         self.transposed = [params[k].dim() == 3 and k.endswith("weight") for k in self.names]
         self.params = [
             (params[k].transpose(1, 2) if t else params[k]).detach().contiguous().requires_grad_(True)
@@ -202,11 +248,16 @@ class LockstepReplicas:
             for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True)
         ]
         self._step_rows = self.steps.unbind(0)
+        # Adam's argument lists for each set of active replicas met so far (a cross-validation has a few)
+        self._adam_rows: dict[tuple[int, ...], tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]] = {}
         # after forward(replicas=...): (those replicas, their parameter copies) for the next step
         self._subset: tuple[list[int], list[Tensor]] | None = None
         # where each parameter and dropout mask lives in self.base, for _call's swap
         self._slots = [self._slot(name) for name in self.names]
         self._mask_modules = [self.base.get_submodule(name) for name in self.dropout_names]
+        # parameters that forward cannot run for all replicas at once (not a linear layer's)
+        self._not_linear = [n for n, (module, _, _) in zip(self.names, self._slots, strict=True)
+                            if not isinstance(module, _ReplicaLinear)]  # fmt: skip
         self._base_mode: bool | None = None  # train/eval mode forward last set on every module of self.base
         self.lock_steps = 0
 
@@ -229,19 +280,24 @@ class LockstepReplicas:
                 module._parameters[attr] = original  # type: ignore[assignment]
 
     def _call(
-        self, params: tuple[Tensor, ...], masks: tuple[Tensor, ...], x: Tensor, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The model with these parameters and dropout masks."""
-        for module, m in zip(self._mask_modules, masks, strict=True):
-            module.multiplier = m
+        self,
+        slots: Sequence[tuple[nn.Module, str, Tensor]],
+        params: Sequence[Tensor],
+        mask_modules: Sequence[nn.Module],
+        masks: Sequence[Tensor],
+        module: nn.Module,
+        *args: Any,
+    ) -> MILOutput:
+        """``module(*args)`` with these (stacked) parameters in these slots and these dropout masks."""
+        for mask_module, m in zip(mask_modules, masks, strict=True):
+            mask_module.multiplier = m
         try:
-            with self._swapped(self._slots, params):
-                out = self.base(x, mask)
+            with self._swapped(slots, params):
+                out: MILOutput = module(*args)
         finally:
-            for module in self._mask_modules:
-                module.multiplier = None
-        assert out.instance_logits is not None
-        return out.bag_logits, out.instance_logits, out.attention
+            for mask_module in mask_modules:
+                mask_module.multiplier = None
+        return out
 
     def _model_params(self) -> tuple[Tensor, ...]:
         """The stacked parameters in the model's layout (views of the stored ones)."""
@@ -249,8 +305,8 @@ class LockstepReplicas:
 
     def _dropout_masks(self, rows: int, train: bool, replicas: int | None = None) -> tuple[Tensor, ...]:
         """Fresh masks for every replaced dropout, ``[replicas, rows * width]`` float32 each (see
-        ``dropout_multipliers``; all R replicas by default); in eval mode dropout is the identity, but vmap
-        still needs a batched argument, so they are empty."""
+        ``dropout_multipliers``; all R replicas by default); in eval mode dropout is the identity and they
+        are empty (vmap, in per-replica calls, needs a batched argument)."""
         count = self.n_replicas if replicas is None else replicas
         if not train:
             return tuple(torch.zeros(count, 0) for _ in self.dropout_names)
@@ -271,51 +327,52 @@ class LockstepReplicas:
         """Outputs stacked over replicas: ``bag_logits [R, K]``, ``instance_logits [R, n, K]``, ``attention [R, n]``.
 
         ``x`` is one bag for every replica (``shared_input``) or ``[R, ...]`` one bag per replica, with
-        ``mask [R, n]`` when those bags are padded to a common length.
+        ``mask [R, n]`` when those bags are padded to a common length. The library model's ``forward``
+        runs once, on the replicas as a padded batch (``_ReplicaLinear``), so the model's parameters
+        must all belong to linear layers (``forward_ragged`` runs other backbones).
 
         ``replicas`` (ascending indices): run only these replicas; ``x`` and ``mask`` still hold all R,
         and the outputs are stacked over these only. Their parameters are copied for this lock-step, so
         the replicas left out cost nothing else: worth it when the step's work outweighs copying the
         parameters (a big bag), not otherwise. The next ``step`` must have exactly these replicas active.
         """
+        if self._not_linear:
+            raise NotImplementedError(
+                f"forward runs models made of linear layers only, not {self._not_linear[0]}; "
+                "use forward_ragged for a per-instance backbone"
+            )
         if self._base_mode is not train:  # set the mode of all modules only when it changes
             self.base.train(train)
             self._base_mode = train
         self._subset = None
-        if replicas is None:
-            params = self._model_params()
-            count = self.n_replicas
-        else:
+        params: Sequence[Tensor] = self.params  # the stored layout is _ReplicaLinear's
+        count = self.n_replicas
+        if replicas is not None:
             rows = [int(r) for r in replicas]
             index = torch.tensor(rows, dtype=torch.long)
-            leaves = [p.detach().index_select(0, index).requires_grad_(True) for p in self.params]
-            self._subset = (rows, leaves)
-            params = tuple(q.transpose(1, 2) if t else q for q, t in zip(leaves, self.transposed, strict=True))
+            params = [p.detach().index_select(0, index).requires_grad_(True) for p in self.params]
+            self._subset = (rows, params)
             count = len(rows)
             if not shared_input:
                 x = x.index_select(0, index)
             if mask is not None:
                 mask = mask.index_select(0, index)
-        in_x = None if shared_input else 0
-        rows_per_bag = x.shape[0] if shared_input else x.shape[1]  # instances per replica (per bag when padded)
-        masks = self._dropout_masks(rows_per_bag, train, count)
+        if shared_input:
+            x = x.expand(count, *x.shape)
+        masks = self._dropout_masks(x.shape[1], train, count)
         precision = (
             torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast_bf16 else contextlib.nullcontext()
         )
         with precision:
-            if mask is None:
-
-                def call(p: tuple[Tensor, ...], b: tuple[Tensor, ...], xx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-                    return self._call(p, b, xx, None)
-
-                fn: Any = vmap(call, in_dims=(0, 0, in_x), randomness="different" if train else "error")
-                bag, inst, att = fn(params, masks, x)
-            else:
-                fn = vmap(self._call, in_dims=(0, 0, in_x, 0), randomness="different" if train else "error")
-                bag, inst, att = fn(params, masks, x, mask)
+            out = self._call(self._slots, params, self._mask_modules, masks, self.base, x, mask)
         if self.autocast_bf16:  # the library keeps attention in float32; bring the logits up too
-            bag, inst, att = bag.float(), inst.float(), att.float()
-        return MILOutput(bag_logits=bag, instance_logits=inst, attention=att)
+            assert out.instance_logits is not None
+            out = MILOutput(
+                bag_logits=out.bag_logits.float(),
+                instance_logits=out.instance_logits.float(),
+                attention=out.attention.float(),
+            )
+        return out
 
     def step(self, loss_per_replica: Tensor, active: Tensor) -> None:
         """One Adam step for every active replica on its own loss; inactive replicas are not touched
@@ -341,16 +398,17 @@ class LockstepReplicas:
                 g_all = (g if g.stride() == p.stride() else g.contiguous()).unbind(0)
                 grad_rows.append([g_all[r] for r in rows])
         self.steps += active.to(self.steps.dtype)  # torch's Adam counts the step before the update
-        params: list[Tensor] = []
-        moments: list[Tensor] = []
-        squares: list[Tensor] = []
-        gradients: list[Tensor] = []
-        for (p_rows, m_rows, v_rows), g_rows in zip(self._rows, grad_rows, strict=True):
-            params += [p_rows[r] for r in rows]
-            moments += [m_rows[r] for r in rows]
-            squares += [v_rows[r] for r in rows]
-            gradients += g_rows
-        steps = [self._step_rows[r] for r in rows] * len(self.params)
+        state = self._adam_rows.get(tuple(rows))
+        if state is None:  # the active replicas' rows of every parameter, moment and step count
+            state = (
+                [p_rows[r] for p_rows, _, _ in self._rows for r in rows],
+                [m_rows[r] for _, m_rows, _ in self._rows for r in rows],
+                [v_rows[r] for _, _, v_rows in self._rows for r in rows],
+                [self._step_rows[r] for r in rows] * len(self.params),
+            )
+            self._adam_rows[tuple(rows)] = state
+        params, moments, squares, steps = state
+        gradients = [g for g_rows in grad_rows for g in g_rows]
         with torch.no_grad():
             torch._fused_adam_(params, gradients, moments, squares, [], steps, **self.adam)  # type: ignore[attr-defined]
         self.lock_steps += 1
@@ -368,10 +426,12 @@ class LockstepReplicas:
 
         The per-instance backbone runs replica by replica on the real instances only (no padding, plain
         tensors, so channels-last kernels work); the MIL head then runs on the zero-padded embeddings of
-        all replicas at once (vmap). Returns the outputs stacked over replicas and the mask ``[R, n_max]``.
+        all replicas at once (a padded batch, as in ``forward``). Returns the outputs stacked over replicas and the mask ``[R, n_max]``.
         """
         if any(name.startswith(f"{backbone}.") for name in self.dropout_names):
             raise NotImplementedError("dropout in a ragged backbone")
+        if any(name.startswith(f"{head}.") for name in self._not_linear):
+            raise NotImplementedError(f"the head {head!r} has parameters outside linear layers")
         self._subset = None
         model_params = self._model_params()
         back_prefix, head_prefix = f"{backbone}.", f"{head}."
@@ -393,25 +453,15 @@ class LockstepReplicas:
         mask = torch.arange(padded.shape[1]) < lengths[:, None]
         head_module = self.base.get_submodule(head)
         head_module.train(train)
-        head_names = [n for n in self.names if n.startswith(head_prefix)]
-        head_params = tuple(
-            p for n, p in zip(self.names, model_params, strict=True) if n.startswith(head_prefix)
-        )
-        dropout_names = [n.removeprefix(head_prefix) for n in self.dropout_names]
+        head_state = [  # the head's parameters in the stored layout: all replicas at once (_ReplicaLinear)
+            (slot, p) for slot, name, p in zip(self._slots, self.names, self.params, strict=True)
+            if name.startswith(head_prefix)
+        ]  # fmt: skip
         masks = self._dropout_masks(padded.shape[1], train)
-
-        def call(
-            ps: tuple[Tensor, ...], bs: tuple[Tensor, ...], x: Tensor, m: Tensor
-        ) -> tuple[Tensor, Tensor, Tensor]:
-            state = {n.removeprefix(head_prefix): p for n, p in zip(head_names, ps, strict=True)}
-            state.update({f"{n}.multiplier": b for n, b in zip(dropout_names, bs, strict=True)})
-            out = functional_call(head_module, state, (x, m))
-            assert out.instance_logits is not None
-            return out.bag_logits, out.instance_logits, out.attention
-
-        fn = vmap(call, in_dims=(0, 0, 0, 0), randomness="different" if train else "error")
-        bag, inst, att = fn(head_params, masks, padded, mask)
-        return MILOutput(bag_logits=bag, instance_logits=inst, attention=att), mask
+        out = self._call(
+            [slot for slot, _ in head_state], [p for _, p in head_state], self._mask_modules, masks, head_module, padded, mask
+        )
+        return out, mask
 
     @torch.no_grad()
     def evaluate_submodule(self, prefix: str, replica: int, *args: Any) -> Any:

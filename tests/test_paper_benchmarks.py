@@ -139,6 +139,24 @@ def test_classic_mil_quick_prints_the_table_beside_the_paper() -> None:
     assert " yes " in out or " NO " in out  # a verdict per cell
 
 
+def test_best_test_epoch_diagnostic_is_the_best_of_the_per_epoch_test_accuracies() -> None:
+    """``--best-test-epoch`` tests after every epoch without changing training: its last-epoch result
+    equals a plain run's, and its best equals the best of plain runs stopped after 1, 2, 3 epochs."""
+    import dataclasses
+
+    import paper_classic_mil as paper
+
+    data = paper.load_classic("MUSK1").subset(8, seed=0)
+    method = paper.METHODS["loss_attention"]
+    plain = paper.Settings(runs=2, folds=2, epochs=1, hidden_dims=(16,), lr=3e-2)
+    last = [paper.train_and_test(data, method, dataclasses.replace(plain, epochs=e))[0] for e in (1, 2, 3)]
+    final, best = paper.train_and_test(data, method, dataclasses.replace(plain, epochs=3, test_every_epoch=True))
+    assert best is not None and paper.train_and_test(data, method, plain)[1] is None
+    np.testing.assert_array_equal(final, last[2])
+    np.testing.assert_array_equal(best, np.maximum.reduce(last))
+    assert len({tuple(a.ravel()) for a in last}) > 1  # the epochs differ, so the maximum is a real test
+
+
 def test_mnist_bags_quick_prints_auc_retrieval_and_ablation() -> None:
     out = _run("paper_mnist_bags.py", "--jobs", "1")
     for text in (
@@ -183,6 +201,8 @@ def test_ragged_training_and_evaluation_equal_each_replica_alone() -> None:
     ]
     alone = [copy.deepcopy(m) for m in models]
     engine = LockstepReplicas(models, lr=1e-3, weight_decay=1e-4)
+    with pytest.raises(NotImplementedError, match="forward_ragged"):  # convolutions: not as one batch
+        engine.forward(torch.randn(3, 1, 28, 28, dtype=torch.float64), shared_input=True, train=True)
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-4) for m in alone]
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
