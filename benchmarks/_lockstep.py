@@ -426,7 +426,8 @@ class LockstepReplicas:
 
         The per-instance backbone runs replica by replica on the real instances only (no padding, plain
         tensors, so channels-last kernels work); the MIL head then runs on the zero-padded embeddings of
-        all replicas at once (a padded batch, as in ``forward``). Returns the outputs stacked over replicas and the mask ``[R, n_max]``.
+        all replicas at once (a padded batch, as in ``forward``). Returns the outputs stacked over replicas
+        and the mask ``[R, n_max]``.
         """
         if any(name.startswith(f"{backbone}.") for name in self.dropout_names):
             raise NotImplementedError("dropout in a ragged backbone")
@@ -459,7 +460,13 @@ class LockstepReplicas:
         ]  # fmt: skip
         masks = self._dropout_masks(padded.shape[1], train)
         out = self._call(
-            [slot for slot, _ in head_state], [p for _, p in head_state], self._mask_modules, masks, head_module, padded, mask
+            [slot for slot, _ in head_state],
+            [p for _, p in head_state],
+            self._mask_modules,
+            masks,
+            head_module,
+            padded,
+            mask,
         )
         return out, mask
 

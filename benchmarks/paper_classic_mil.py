@@ -7,8 +7,9 @@ instances only; every model is the wsi_mil registry model with the paper's insta
 (lr 1e-4, weight decay 5e-4); loss-attention uses lambda = 0.1 and omega = 0, the baselines the bag
 cross-entropy alone. The model after the last epoch is tested on the held-out fold: no epoch or model
 is chosen on test data (the authors' code reports the best test accuracy over epochs, which is
-optimistic; ``--best-test-epoch`` measures what that selection adds, as a diagnostic). We report the mean and standard deviation of the 50 fold accuracies, as the paper's
-spreads suggest, and the standard deviation of the 5 run means.
+optimistic; ``--best-test-epoch`` measures what that selection adds, as a diagnostic). We report the
+mean and standard deviation of the 50 fold accuracies, as the paper's spreads suggest, and the
+standard deviation of the 5 run means.
 
 Speed: the 50 (run, fold) models of one method are trained in lock-step, each on its own training
 bags (see ``benchmarks/_lockstep.py``); the arithmetic is the same as training them one by one.
