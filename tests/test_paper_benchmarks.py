@@ -149,12 +149,73 @@ def test_best_test_epoch_diagnostic_is_the_best_of_the_per_epoch_test_accuracies
     data = paper.load_classic("MUSK1").subset(8, seed=0)
     method = paper.METHODS["loss_attention"]
     plain = paper.Settings(runs=2, folds=2, epochs=1, hidden_dims=(16,), lr=3e-2)
-    last = [paper.train_and_test(data, method, dataclasses.replace(plain, epochs=e))[0] for e in (1, 2, 3)]
-    final, best = paper.train_and_test(data, method, dataclasses.replace(plain, epochs=3, test_every_epoch=True))
-    assert best is not None and paper.train_and_test(data, method, plain)[1] is None
-    np.testing.assert_array_equal(final, last[2])
-    np.testing.assert_array_equal(best, np.maximum.reduce(last))
+    last = [paper.train_and_test(data, method, dataclasses.replace(plain, epochs=e))["accuracy"] for e in (1, 2, 3)]
+    diagnostic = paper.train_and_test(data, method, dataclasses.replace(plain, epochs=3, test_every_epoch=True))
+    assert set(paper.train_and_test(data, method, plain)) == {"accuracy"}
+    np.testing.assert_array_equal(diagnostic["accuracy"], last[2])
+    np.testing.assert_array_equal(diagnostic["best_epoch_accuracy"], np.maximum.reduce(last))
     assert len({tuple(a.ravel()) for a in last}) > 1  # the epochs differ, so the maximum is a real test
+
+
+def test_validation_split_is_a_stratified_ninth_of_each_models_training_bags() -> None:
+    import paper_classic_mil as paper
+
+    labels = paper.load_classic("MUSK1").labels
+    assignment = paper.fold_assignments(labels, runs=5, folds=10, seed=0)
+    test_mask = assignment[np.repeat(np.arange(5), 10)] == np.tile(np.arange(10), 5)[:, None]
+    validation = paper.validation_mask(labels, test_mask, seed=0)
+    assert not (validation & test_mask).any()
+    train_size = (~test_mask).sum(1)
+    assert np.all(np.abs(validation.sum(1) - train_size / 9) <= 1)
+    for row, test in zip(validation, test_mask, strict=True):  # both classes, in the training bags' ratio
+        positive_share = labels[~test].mean()
+        assert abs(labels[row].mean() - positive_share) <= 1 / row.sum() + 1e-9
+    assert len({tuple(np.flatnonzero(row)) for row in validation}) == len(validation)  # one shuffle per model
+
+
+def test_validation_selection_tests_the_epoch_with_the_lowest_validation_loss() -> None:
+    """``--select-on-validation`` reports the test accuracy after the epoch whose validation bag
+    cross-entropy was lowest (the first on ties), as runs stopped after 1 to 4 epochs show."""
+    import dataclasses
+
+    import paper_classic_mil as paper
+
+    data = paper.load_classic("MUSK1").subset(8, seed=0)
+    method = paper.METHODS["loss_attention"]
+    settings = paper.Settings(runs=3, folds=2, epochs=4, hidden_dims=(16,), lr=3e-2, select_on_validation=True)
+    stopped = [paper.train_and_test(data, method, dataclasses.replace(settings, epochs=e)) for e in (1, 2, 3, 4)]
+    chosen = paper.train_and_test(data, method, settings)
+    loss = np.stack([o["validation_bag_ce"] for o in stopped])  # [epochs, runs, folds]
+    last = np.stack([o["last_epoch_accuracy"] for o in stopped])
+    np.testing.assert_array_equal(chosen["last_epoch_accuracy"], last[-1])
+    epoch = loss.argmin(0) + 1
+    np.testing.assert_array_equal(chosen["selected_epoch"], epoch)
+    np.testing.assert_array_equal(chosen["accuracy"], np.take_along_axis(last, epoch[None] - 1, 0)[0])
+    assert len(set(epoch.ravel().tolist())) > 1  # not always the same epoch, so the choice is a real test
+    assert not np.array_equal(chosen["accuracy"], chosen["last_epoch_accuracy"])
+
+
+def test_validation_bags_never_reach_training() -> None:
+    """A model's validation bags change its validation loss, never its weights: garbling them leaves its
+    test accuracy after every epoch as it was."""
+    import dataclasses
+
+    import paper_classic_mil as paper
+
+    data = paper.load_classic("MUSK1").subset(8, seed=0)
+    method = paper.METHODS["loss_attention"]
+    settings = paper.Settings(runs=1, folds=2, epochs=3, hidden_dims=(16,), lr=3e-2, select_on_validation=True)
+    test_mask = paper.fold_assignments(data.labels, 1, 2, 0)[[0, 0]] == np.arange(2)[:, None]
+    held_out = np.flatnonzero(paper.validation_mask(data.labels, test_mask, 0)[0])  # model 0's validation bags
+    features = data.features.copy()
+    for index in held_out:
+        features[data.offsets[index] : data.offsets[index + 1]] = 1e3 * np.sign(features[data.offsets[index]])
+    garbled = dataclasses.replace(data, features=features)
+    for epochs in (1, 2, 3):
+        base = paper.train_and_test(data, method, dataclasses.replace(settings, epochs=epochs))
+        other = paper.train_and_test(garbled, method, dataclasses.replace(settings, epochs=epochs))
+        assert base["last_epoch_accuracy"][0, 0] == other["last_epoch_accuracy"][0, 0]
+        assert base["validation_bag_ce"][0, 0] != other["validation_bag_ce"][0, 0]
 
 
 def test_mnist_bags_quick_prints_auc_retrieval_and_ablation() -> None:
