@@ -120,6 +120,41 @@ def temp_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(".tmp-*")) if folder.is_dir() else []
 
 
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def signal_mid_slide(
+    proc: subprocess.Popen[str], features: Path, sig: int, settle_s: float = 0.05, timeout: float = 120
+) -> str:
+    """Send ``sig`` to ``proc`` while one of its bags is being written, and return that slide's id.
+
+    A test slide takes a few tenths of a second, so a signal sent on seeing a temp file can land after
+    the slide (or the whole run) has finished. Instead, ``settle_s`` after the temp file appears (past
+    the file's creation, into the tile loop), the process is frozen (SIGSTOP) and the same temp file
+    checked again; only then is ``sig`` sent, delivered when the process continues (SIGCONT).
+    """
+    import signal
+
+    end = time.monotonic() + timeout
+    while wait_for(lambda: temp_files(features), end - time.monotonic(), proc) and proc.poll() is None:
+        first = temp_files(features)
+        time.sleep(settle_s)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: _stopped(proc.pid), 10), "the process did not stop"
+            writing = [p for p in first if p.exists()]
+            if writing:
+                os.kill(proc.pid, sig)
+                return writing[0].name.split(".h5.")[0].removeprefix(".tmp-")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        if time.monotonic() > end:
+            break
+    raise AssertionError(f"no bag was being written to signal in: {proc.communicate()}")
+
+
 def read_h5(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     with h5py.File(path, "r") as f:
         return np.asarray(f["features"][:]), np.asarray(f["coords"][:]), dict(f.attrs)

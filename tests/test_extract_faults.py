@@ -28,6 +28,7 @@ from extract_helpers import (
     fast_config,
     manifest,
     run_cli,
+    signal_mid_slide,
     start_cli,
     temp_files,
     wait_for,
@@ -105,9 +106,7 @@ def test_R12_interrupt_mid_slide_cleans_up_and_exits_130(
         "extract", *_slide_args(cohort), "--out", str(out), *FAST_ARGS, "--workers", workers, start_new_session=True
     )
     try:
-        assert wait_for(lambda: temp_files(out / "features"), 120, proc), proc.communicate()
-        current = temp_files(out / "features")[0].name.split(".h5.")[0].removeprefix(".tmp-")
-        os.kill(proc.pid, sig)
+        current = signal_mid_slide(proc, out / "features", sig)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         _kill_session(proc)
