@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,20 @@ def test_R10_sigkill_never_leaves_a_partial_file_and_the_rerun_matches(
 
 
 # --- R12 ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def sigint_not_ignored() -> Iterator[None]:
+    """A command started from a background job (``cmd &`` in a script, ``nohup``) inherits SIGINT ignored,
+    and Python then installs no Ctrl-C handler: the command rightly runs on. The test wants a terminal's
+    Ctrl-C, so its command starts with SIGINT at its default (a Python handler here is reset at exec)."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_not_ignored")
 @pytest.mark.parametrize(
     "sig,workers",
     [(signal.SIGINT, "-1"), (signal.SIGTERM, "1")],
