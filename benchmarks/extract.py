@@ -69,7 +69,7 @@ def _encoder_alone(args: argparse.Namespace) -> None:
     import torch
 
     from wsi_mil.features.encoders import autocast_context, create_encoder
-    from wsi_mil.features.extract import RANDOM_INIT_SEED, resolve_precision
+    from wsi_mil.runs.extract import RANDOM_INIT_SEED, resolve_precision
 
     setting = SETTINGS[args.child_encoder]
     torch.set_num_threads(args.threads)

@@ -60,7 +60,7 @@ def _tissue_field(seed: int) -> np.ndarray:
 def write_slide(path: Path, seed: int = 0) -> Path:
     import cv2
 
-    from wsi_mil.synthetic import write_pyramid
+    from wsi_mil.demo.pyramid import write_pyramid
 
     prob = _tissue_field(seed)
     rng = np.random.default_rng(seed + 1)
@@ -87,7 +87,7 @@ def write_slide(path: Path, seed: int = 0) -> Path:
 def write_bench_scores(path: Path, slide_id: str, seed: int = 0) -> Path:
     import cv2
 
-    from wsi_mil.heatmap.scores import write_scores
+    from wsi_mil.store.score_file import write_scores
 
     prob = _tissue_field(seed)
     fp = TILE_PX * TILE_MPP / SLIDE_MPP
@@ -131,8 +131,8 @@ def worker(slide: str, scores: str, out: str) -> dict[str, object]:
     import tiffslide  # noqa: F401
     from PIL import ImageFont  # noqa: F401
 
-    from wsi_mil.heatmap.config import HeatmapConfig
-    from wsi_mil.heatmap.run import run_heatmap
+    from wsi_mil.config.heatmap import HeatmapConfig
+    from wsi_mil.runs.heatmap import run_heatmap
 
     cfg = HeatmapConfig()
     baseline = _status_kb("VmRSS") / 1024

@@ -99,15 +99,15 @@ def lesion_fraction(coords: np.ndarray, footprint_px: float, rings: list[np.ndar
 def ensure_cohort(cohort: Path) -> None:
     if (cohort / "cohort.json").exists():
         return
-    from wsi_mil.sample_data import build_sample_cohort
+    from wsi_mil.demo.cohort import build_sample_cohort
 
     print(f"building the sample cohort in {cohort} (wsi-mil sample-data)", flush=True)
     build_sample_cohort(cohort)
 
 
 def extract(cohort: Path, work: Path) -> Path:
-    from wsi_mil.batch import discover_slides
-    from wsi_mil.features.extract import run_extract
+    from wsi_mil.runs.extract import run_extract
+    from wsi_mil.runs.slide_loop import discover_slides
 
     out = work / "extract"
     t = time.perf_counter()
@@ -118,8 +118,8 @@ def extract(cohort: Path, work: Path) -> Path:
 
 def train(features: Path, labels: Path, work: Path, model: str, seed: int) -> Path:
     from wsi_mil.config import load_config
-    from wsi_mil.training.config import TrainConfig
-    from wsi_mil.training.run import run_train
+    from wsi_mil.config.train import TrainConfig
+    from wsi_mil.runs.train import run_train
 
     out = work / f"train_{model}"
     if (out / "metrics.json").exists():
@@ -133,7 +133,7 @@ def train(features: Path, labels: Path, work: Path, model: str, seed: int) -> Pa
 
 def predict_out_of_fold(features: Path, labels: Path, run: Path, work: Path, model: str) -> list[Path]:
     """Predict each fold's test slides with that fold's checkpoint; return the predict output folders."""
-    from wsi_mil.training.predict import run_predict
+    from wsi_mil.runs.predict import run_predict
 
     by_fold: dict[str, list[str]] = {}
     with open(run / "splits.csv", newline="", encoding="utf-8") as fh:
@@ -166,7 +166,7 @@ def predict_out_of_fold(features: Path, labels: Path, run: Path, work: Path, mod
 def evaluate(cohort: Path, predict_dirs: list[Path]) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
-    from wsi_mil.heatmap.scores import find_scores, load_scores
+    from wsi_mil.store.score_file import find_scores, load_scores
 
     per_slide: dict[str, float] = {}
     pooled_att: list[np.ndarray] = []
@@ -240,8 +240,8 @@ def main() -> int:
         predict_dirs = predict_out_of_fold(features, labels, run, work, model)
         results[model] = {**evaluate(cohort, predict_dirs), "slide_auc": slide_auc(run)}
         if args.heatmaps:
-            from wsi_mil.batch import discover_slides
-            from wsi_mil.heatmap.run import run_heatmap
+            from wsi_mil.runs.heatmap import run_heatmap
+            from wsi_mil.runs.slide_loop import discover_slides
 
             slides = discover_slides(cohort / "slides")
             for pdir in predict_dirs:

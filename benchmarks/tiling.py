@@ -70,7 +70,7 @@ def _coarse_fields(size_px: int, coarse_px: int, seed: int) -> tuple[np.ndarray,
 def write_large_slide(path: Path, size_px: int, mpp: float, seed: int = 0) -> Path:
     import cv2
 
-    from wsi_mil.synthetic import write_pyramid
+    from wsi_mil.demo.pyramid import write_pyramid
 
     coarse_px = 32
     prob, mix = _coarse_fields(size_px, coarse_px, seed)

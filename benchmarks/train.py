@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def generate(folder: Path, n_slides: int, n_tiles: int, dim: int, dtype: str, seed: int = 0) -> float:
     """Write the cohort (slides alternate labels; positives hold 2% tiles shifted along one direction)."""
-    from wsi_mil.bags import BagWriter
+    from wsi_mil.store.bag_file import BagWriter
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -68,9 +68,9 @@ def worker(model_name: str, folder: Path, epochs: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    from wsi_mil.cohort.datasets import LazyBagDataset, discover_features, scan_bags
+    from wsi_mil.config.train import TrainConfig
     from wsi_mil.mil import Trainer, TrainerCallback, TrainerConfig, create_model, seed_everything
-    from wsi_mil.training.config import TrainConfig
-    from wsi_mil.training.datasets import LazyBagDataset, discover_features, scan_bags
 
     class TimedDataset(LazyBagDataset):
         read_s = 0.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_mil import __version__
-from wsi_mil.bags import BagWriter
+from wsi_mil.store.bag_file import BagWriter
 
 ENCODER = "test_encoder"
 WEIGHTS_SHA = "ab" * 32

@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from wsi_mil.synthetic import write_pyramid  # noqa: E402
+from wsi_mil.demo.pyramid import write_pyramid  # noqa: E402
 
 TISSUE_RGB = (200, 120, 190)
 

@@ -31,7 +31,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="session")
 def reference(cohort: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted, unsharded, in-process run over :func:`cohort` (the comparison baseline)."""
-    from wsi_mil.features.extract import run_extract
+    from wsi_mil.runs.extract import run_extract
 
     out = tmp_path_factory.mktemp("reference")
     summary = run_extract(cohort, out, fast_config(), progress=False, threads=1)

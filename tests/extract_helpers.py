@@ -21,7 +21,7 @@ import numpy as np
 from conftest import tissue_image
 
 from wsi_mil.config import ExtractConfig
-from wsi_mil.synthetic import write_pyramid
+from wsi_mil.demo.pyramid import write_pyramid
 
 FAST_ENCODER = "test_convnext"
 #: CLI flags of the fast test setting (fp32: comparisons across processes are exact to ~1e-6)

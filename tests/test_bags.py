@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from wsi_mil.bags import BagWriter, bag_is_complete, load_bag, read_bag_attrs
 from wsi_mil.errors import BagFileError, OutputError
+from wsi_mil.store.bag_file import BagWriter, bag_is_complete, load_bag, read_bag_attrs
 
 ATTRS = {"slide_id": "s1", "footprint_px": 512, "config_hash": "abc", "preprocessing": {"mean": [0.5] * 3}}
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from wsi_mil.batch import (
+from wsi_mil.errors import DuplicateSlideIdError, InputError, NoTissueError, OutputError, SlideOpenError
+from wsi_mil.runs.slide_loop import (
     check_unique_ids,
     discover_slides,
     parse_shard,
@@ -17,7 +18,6 @@ from wsi_mil.batch import (
     select_shard,
     shard_of,
 )
-from wsi_mil.errors import DuplicateSlideIdError, InputError, NoTissueError, OutputError, SlideOpenError
 from wsi_mil.store import SlideLock
 
 COLUMNS = ("slide_id", "path", "status", "error_class", "error", "n_tiles", "seconds")

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from extract_helpers import FAST_ARGS, fast_config, manifest, start_cli, temp_files, wait_for, write_slide
 
-from wsi_mil.bags import bag_is_complete
-from wsi_mil.pipeline import load_pipeline_config, run_pipeline
-from wsi_mil.sample_data import write_broken_slides
+from wsi_mil.demo.cohort import write_broken_slides
+from wsi_mil.runs.pipeline import load_pipeline_config, run_pipeline
+from wsi_mil.store.bag_file import bag_is_complete
 
 GOOD_SYNTHETIC = 5
 
@@ -150,5 +150,5 @@ def test_pipeline_cli_rejects_unknown_keys_and_mixed_cohorts(tmp_path: Path) -> 
 
 
 def test_pipeline_help_is_light() -> None:
-    code = "import sys, wsi_mil.cli; assert 'torch' not in sys.modules and 'wsi_mil.pipeline' not in sys.modules"
+    code = "import sys, wsi_mil.cli; assert 'torch' not in sys.modules and 'wsi_mil.runs.pipeline' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -29,14 +29,14 @@ from extract_helpers import (
     write_slide,
 )
 
-from wsi_mil.bags import BagWriter
 from wsi_mil.cli import main
 from wsi_mil.config import ExtractConfig, load_config
 from wsi_mil.errors import DuplicateSlideIdError, OutputConflictError, OutputError
-from wsi_mil.features import extract as extract_mod
 from wsi_mil.features.encoders import create_encoder
-from wsi_mil.features.extract import RANDOM_INIT_SEED, run_extract
+from wsi_mil.runs import extract as extract_mod
+from wsi_mil.runs.extract import RANDOM_INIT_SEED, run_extract
 from wsi_mil.slide import open_slide
+from wsi_mil.store.bag_file import BagWriter
 
 pytest_plugins = ("extract_fixtures",)  # cohort, reference, one_torch_thread
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -421,7 +421,7 @@ def test_R22_unicode_and_spaces_end_to_end(tmp_path: Path) -> None:
 )
 def test_shard_defaults_from_the_scheduler(cohort: list[Path], tmp_path: Path, monkeypatch, env: dict[str, str]) -> None:
     """A Slurm array task or a Kubernetes indexed-job pod picks its shard from the environment, unchanged."""
-    from wsi_mil.batch import shard_of
+    from wsi_mil.runs.slide_loop import shard_of
 
     out = tmp_path / "out"
     for i in range(2):
@@ -524,7 +524,7 @@ def test_threads_follow_omp_and_container_quota(monkeypatch) -> None:
 def test_row_reads_equal_tile_reads(make_slide, slide_mpp: float, overlap: bool) -> None:
     """Tiles read a row at a time (one read per run of touching footprints, integral scale or not) are
     pixel-identical to reading each tile on its own, and the rows really are read together."""
-    from wsi_mil.features.extract import TileBatches, TileSource
+    from wsi_mil.runs.extract import TileBatches, TileSource
 
     path = make_slide(f"rows_{slide_mpp}", mpp=slide_mpp, size=(1600, 1200))
     footprint = 64 * 0.5 / slide_mpp
@@ -556,7 +556,7 @@ def test_row_reads_equal_tile_reads(make_slide, slide_mpp: float, overlap: bool)
 def test_corrupt_tile_met_by_tissue_detection_fails_naming_it_or_is_skipped_on_request(tmp_path: Path) -> None:
     """R4 for the sample cohort's broken slide, whose corrupt tile is met already by the whole-level
     tissue/QC reads: by default the slide fails naming the tile; with skip_unreadable_tiles it is done."""
-    from wsi_mil.sample_data import write_broken_slides
+    from wsi_mil.demo.cohort import write_broken_slides
 
     bad = write_broken_slides(tmp_path / "broken")["corrupt_tile"]
     summary = run_extract([bad], tmp_path / "strict", fast_config(), progress=False)

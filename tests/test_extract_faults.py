@@ -36,9 +36,9 @@ from extract_helpers import (
     write_slide,
 )
 
-from wsi_mil.bags import BagWriter, bag_is_complete
-from wsi_mil.features.extract import run_extract
+from wsi_mil.runs.extract import run_extract
 from wsi_mil.store import as_output_error, is_disk_error
+from wsi_mil.store.bag_file import BagWriter, bag_is_complete
 
 pytest_plugins = ("extract_fixtures",)  # cohort, reference, one_torch_thread
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -286,7 +286,7 @@ def test_nothing_of_a_slide_outlives_it(cohort: list[Path], tmp_path: Path, work
 
     from torch.utils.data import DataLoader
 
-    from wsi_mil.features.extract import ThreadBatches, TileBatches
+    from wsi_mil.runs.extract import ThreadBatches, TileBatches
     from wsi_mil.slide import Slide
 
     summary = run_extract(cohort[:3], tmp_path / "out", fast_config(workers=workers), progress=False)

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.errors import BagFileError, ConfigError, InputError
-from wsi_mil.heatmap.config import HeatmapConfig
-from wsi_mil.heatmap.export import rank_tiles, tiles_geojson
+from wsi_mil.heatmap.export import rank_tiles
 from wsi_mil.heatmap.render import (
     CanvasGeometry,
     canvas_geometry,
@@ -29,10 +30,10 @@ from wsi_mil.heatmap.render import (
     smooth,
     tile_values,
 )
-from wsi_mil.heatmap.run import run_heatmap
-from wsi_mil.heatmap.scores import SlideScores, find_scores, load_scores, write_scores
+from wsi_mil.runs.heatmap import run_heatmap
 from wsi_mil.slide import open_slide
-from wsi_mil.synthetic import write_pyramid
+from wsi_mil.store.geojson import tile_detections_text
+from wsi_mil.store.score_file import SlideScores, find_scores, load_scores, write_scores
 
 REPO = Path(__file__).resolve().parents[1]
 MARK_RGB = (25, 35, 170)  # the distinctive tile: saturated dark blue (not removed as pen ink)
@@ -274,7 +275,7 @@ def test_score_files_round_trip_and_errors(tmp_path: Path) -> None:
 
 def test_geojson_is_a_qupath_feature_collection() -> None:
     coords = np.array([[100, 200], [612, 200]])
-    text = tiles_geojson(coords, 512.0, {"attention": np.array([0.25, 0.75]), "P(tumor)": np.array([0.1, 0.9])})
+    text = tile_detections_text(coords, 512.0, {"attention": np.array([0.25, 0.75]), "P(tumor)": np.array([0.1, 0.9])})
     gj = json.loads(text)
     assert gj["type"] == "FeatureCollection" and len(gj["features"]) == 2
     f = gj["features"][1]
@@ -407,7 +408,7 @@ def test_no_matching_scores_is_an_input_error(tmp_path: Path) -> None:
 def _cli():  # type: ignore[no-untyped-def]
     import click
 
-    from wsi_mil.cli_heatmap import heatmap
+    from wsi_mil.cli.heatmap import heatmap
 
     @click.group()
     def main() -> None:
@@ -439,14 +440,14 @@ def test_cli_renders_reports_and_exits(tmp_path: Path) -> None:
 def test_cli_features_and_checkpoint_runs_predict_then_renders(tmp_path: Path) -> None:
     """--features/--checkpoint: predict (the library function) into OUT/predict, then render; a slide
     whose bag is empty gets a "no tiles" figure (R17)."""
-    pytest.importorskip("wsi_mil.training.predict", reason="wsi_mil.training.predict is not in this checkout yet")
+    pytest.importorskip("wsi_mil.runs.predict", reason="wsi_mil.runs.predict is not in this checkout yet")
     import torch
     from _train_data import ENCODER, WEIGHTS_SHA, bag_attrs, write_bag
 
     from wsi_mil import __version__
+    from wsi_mil.cohort.datasets import FeatureSpec
     from wsi_mil.mil import create_model
-    from wsi_mil.training.checkpoint import save_checkpoint
-    from wsi_mil.training.datasets import FeatureSpec
+    from wsi_mil.store.checkpoint import save_checkpoint
 
     spec = FeatureSpec(ENCODER, 16, 0.5, 224, WEIGHTS_SHA, __version__)
     for fold in (0, 1):  # two untrained "fold" checkpoints: predict averages them
@@ -481,12 +482,12 @@ def test_light_imports_and_no_torch(tmp_path: Path) -> None:
     case = make_case(tmp_path, "light", size=(1600, 1200), mark=(3, 2))
     code = f"""
 import sys
-import wsi_mil.cli_heatmap, wsi_mil.heatmap
+import wsi_mil.cli.heatmap, wsi_mil.heatmap
 heavy = [m for m in ("matplotlib", "h5py", "torch", "scipy") if m in sys.modules]
 assert not heavy, heavy
 from pathlib import Path
-from wsi_mil.heatmap.config import HeatmapConfig
-from wsi_mil.heatmap.run import run_heatmap
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.runs.heatmap import run_heatmap
 r = run_heatmap([Path({str(case.slide)!r})], {str(tmp_path / "predict")!r}, {str(tmp_path / "out")!r},
                 HeatmapConfig(max_side_px=300, top_k=1), progress=False)
 assert r.exit_code == 0, r.text()

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from test_heatmap import make_case
 
-from wsi_mil.heatmap.config import HeatmapConfig
-from wsi_mil.heatmap.run import run_heatmap
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.runs.heatmap import run_heatmap
 
 pytestmark = pytest.mark.browser
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from wsi_mil.batch import parse_shard
 from wsi_mil.cli import main
+from wsi_mil.runs.slide_loop import parse_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "pipelines" / "k8s"

@@ -13,14 +13,14 @@ import cv2
 import numpy as np
 import pytest
 
-from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, WsiMilError
-from wsi_mil.sample_data import (
+from wsi_mil.demo.cohort import (
     BROKEN_SLIDES,
     CohortInfo,
     SampleSlide,
     build_sample_cohort,
     write_broken_slides,
 )
+from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, WsiMilError
 from wsi_mil.slide import Backend, open_slide
 
 SCALE = 0.45  # physical size of the test slides relative to the default (lesions stay > 100 µm)

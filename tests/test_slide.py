@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.errors import (
     InvalidMPPError,
     MissingMPPError,
@@ -18,7 +19,6 @@ from wsi_mil.errors import (
     WsiMilError,
 )
 from wsi_mil.slide import SlideLimits, load_mpp_overrides, open_slide
-from wsi_mil.synthetic import write_pyramid
 
 
 @pytest.mark.parametrize("fmt,mpp", [("svs", 0.5), ("tif", 0.2631), ("tif", 0.25)])
@@ -175,8 +175,8 @@ def test_r4_prepare_slide_fails_naming_the_tile_or_skips_on_request(tmp_path):
     import json
 
     from wsi_mil.config import TilingConfig, TissueConfig
-    from wsi_mil.prepare import prepare_slide
-    from wsi_mil.sample_data import write_broken_slides
+    from wsi_mil.demo.cohort import write_broken_slides
+    from wsi_mil.runs.tiles import prepare_slide
 
     paths = write_broken_slides(tmp_path / "zoo")
     x, y, _, _ = json.loads((tmp_path / "zoo" / "broken_slides.json").read_text())["corrupt_tile_box_level0_px"]

@@ -11,9 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
+from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.errors import BagFileError, ConfigError, InputError, NoTissueError
 from wsi_mil.slide import open_slide
-from wsi_mil.synthetic import write_pyramid
 from wsi_mil.tiling import (
     TileGrid,
     TileParams,

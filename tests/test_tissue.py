@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.errors import ConfigError, NoTissueError, SlideTooLargeError
 from wsi_mil.slide import SlideLimits, open_slide
-from wsi_mil.synthetic import write_pyramid
 from wsi_mil.tissue import TissueParams, TissueResult, detect_tissue
 
 GLASS_RGB = (242, 242, 244)

@@ -16,11 +16,11 @@ import yaml
 from _train_data import bag_attrs, planted_cohort, write_bag
 from click.testing import CliRunner
 
-from wsi_mil.cli_train import predict, train
+from wsi_mil.cli.train import predict, train
 from wsi_mil.config import load_config
+from wsi_mil.config.train import TrainConfig
 from wsi_mil.errors import InputError, OutputConflictError
-from wsi_mil.training.config import TrainConfig
-from wsi_mil.training.run import run_train
+from wsi_mil.runs.train import run_train
 
 FAST = ["--epochs", "12", "--lr", "0.005", "--device", "cpu", "--folds", "3"]
 

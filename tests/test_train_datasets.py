@@ -11,8 +11,7 @@ import pytest
 import torch
 from _train_data import ENCODER, bag_attrs, write_bag
 
-from wsi_mil.errors import BagFileError, FeatureSpecMismatchError, InputError
-from wsi_mil.training.datasets import (
+from wsi_mil.cohort.datasets import (
     FeatureSpec,
     LazyBagDataset,
     check_spec,
@@ -22,6 +21,7 @@ from wsi_mil.training.datasets import (
     read_features,
     scan_bags,
 )
+from wsi_mil.errors import BagFileError, FeatureSpecMismatchError, InputError
 
 
 def _raw_h5(path, features, coords=None, attrs=None, coords_attrs=None):

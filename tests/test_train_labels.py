@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
+from wsi_mil.cohort.labels import read_labels
 from wsi_mil.errors import LabelTableError
-from wsi_mil.training.labels import read_labels
 
 
 def _write(tmp_path, text: str, name: str = "labels.csv", bom: bool = False):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from wsi_mil.training.metrics import _resampled, bootstrap_metrics, format_metrics_table, point_metrics
+from wsi_mil.cohort.metrics import _resampled, bootstrap_metrics, format_metrics_table, point_metrics
 
 
 def _data(n: int, k: int, seed: int = 0, signal: float = 1.5):

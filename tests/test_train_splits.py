@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
+from wsi_mil.cohort.splits import FoldSplit, check_leakage, make_splits, read_splits, write_splits
 from wsi_mil.errors import InputError, SplitLeakageError
-from wsi_mil.training.splits import FoldSplit, check_leakage, make_splits, read_splits, write_splits
 
 
 def _cohort(n_cases: int = 30):

@@ -1,5 +1,5 @@
 """``python -m wsi_mil`` runs the command line."""
 
-from .cli import main
+from wsi_mil.cli import main
 
 main()

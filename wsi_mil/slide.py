@@ -23,7 +23,7 @@ from typing import Any, Literal, cast
 import cv2
 import numpy as np
 
-from .errors import (
+from wsi_mil.errors import (
     InputError,
     InvalidMPPError,
     MissingMPPError,

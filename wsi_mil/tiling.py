@@ -26,10 +26,10 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .errors import BagFileError, ConfigError, InputError
-from .slide import Slide
-from .store import as_output_error, atomic_path
-from .tissue import TissueResult
+from wsi_mil.errors import BagFileError, ConfigError, InputError
+from wsi_mil.slide import Slide
+from wsi_mil.store import as_output_error, atomic_path
+from wsi_mil.tissue import TissueResult
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ Nothing found is a legitimate outcome (``TissueResult.is_empty``); callers that 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,9 +35,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError, NoTissueError, SlideTooLargeError
-from .slide import Slide
-from .store import atomic_write_bytes, atomic_write_text
+from wsi_mil.errors import ConfigError, NoTissueError, SlideTooLargeError
+from wsi_mil.slide import Slide
+from wsi_mil.store import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -182,28 +181,29 @@ class TissueResult:
 
         Rings are closed; exteriors are counter-clockwise and holes clockwise (RFC 7946).
         """
-        features = []
-        for index, poly in enumerate(self.polygons):
-            rings = [_geojson_ring(poly.exterior, exterior=True)]
-            rings.extend(_geojson_ring(h, exterior=False) for h in poly.holes)
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": rings},
-                    "properties": {
-                        "objectType": "annotation",
-                        "name": f"tissue {index + 1}",
-                        "classification": {"name": "Tissue", "color": list(QC_TISSUE_RGB)},
-                        "isLocked": False,
-                        "area_um2": round(poly.area_um2, 1),
-                    },
-                }
-            )
-        return {"type": "FeatureCollection", "features": features}
+        from wsi_mil.store.geojson import annotation, feature_collection
+
+        return feature_collection(
+            [
+                annotation(
+                    [
+                        _geojson_ring(poly.exterior, exterior=True),
+                        *(_geojson_ring(h, exterior=False) for h in poly.holes),
+                    ],
+                    name=f"tissue {index + 1}",
+                    class_name="Tissue",
+                    color=QC_TISSUE_RGB,
+                    area_um2=round(poly.area_um2, 1),
+                )
+                for index, poly in enumerate(self.polygons)
+            ]
+        )
 
     def save_geojson(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_geojson` atomically (temp file in the same folder + ``os.replace``)."""
-        return atomic_write_text(path, json.dumps(self.to_geojson(), separators=(",", ":")) + "\n")
+        from wsi_mil.store.geojson import write_geojson
+
+        return write_geojson(path, self.to_geojson())
 
     def qc_image(self, thumbnail_rgb: np.ndarray) -> np.ndarray:
         """``thumbnail_rgb`` (any size, whole slide) with contours drawn and a caption band below.

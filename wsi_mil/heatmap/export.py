@@ -1,4 +1,4 @@
-"""Exports for reuse and review: top/bottom tiles (PNG + CSV + contact sheet), QuPath GeoJSON, HDF5.
+"""Exports for reuse and review: top/bottom tiles (PNG + CSV + contact sheet) and labelled images.
 
 Everything is written atomically (temp file in the destination folder, then ``os.replace``).
 """
@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
-from ..slide import Slide
-from ..store import as_output_error, atomic_path, atomic_write_bytes, atomic_write_text
+from wsi_mil.slide import Slide
+from wsi_mil.store import atomic_write_bytes, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -150,71 +148,3 @@ def _font_path() -> str | None:
         return str(font_manager.findfont("DejaVu Sans", fallback_to_default=True))
     except Exception:  # pragma: no cover - matplotlib ships DejaVu Sans
         return None
-
-
-# --- GeoJSON -------------------------------------------------------------------------------------------
-def _strings(values: np.ndarray) -> list[str]:
-    """Numbers as short JSON literals (6 significant digits)."""
-    return [format(v, ".6g") for v in np.asarray(values, np.float64).tolist()]
-
-
-def tiles_geojson(
-    coords: np.ndarray, footprint_px: float, measurements: Mapping[str, np.ndarray], object_type: str = "detection"
-) -> str:
-    """A GeoJSON FeatureCollection of tile squares (level-0 pixels) with their scores as QuPath
-    ``measurements``; QuPath (File > Import objects, or drag and drop) places them over the slide."""
-    f = float(footprint_px)
-    xy = np.asarray(coords, np.float64).reshape(-1, 2)
-    x0, y0 = _strings(xy[:, 0]), _strings(xy[:, 1])
-    x1, y1 = _strings(xy[:, 0] + f), _strings(xy[:, 1] + f)
-    names = [json.dumps(k) + ":" for k in measurements]
-    columns = [_strings(v) for v in measurements.values()]
-    head = '{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[['
-    props = ']]]},"properties":{"objectType":' + json.dumps(object_type) + ',"name":"tile '
-    parts = []
-    for i in range(xy.shape[0]):
-        a, b, c, d = x0[i], y0[i], x1[i], y1[i]
-        meas = ",".join([n + col[i] for n, col in zip(names, columns, strict=True)])
-        parts.append(
-            f"{head}{a},{b}],[{c},{b}],[{c},{d}],[{a},{d}],[{a},{b}{props}{i}\",\"measurements\":{{{meas}}}}}}}"
-        )
-    return '{"type":"FeatureCollection","features":[\n' + ",\n".join(parts) + "\n]}\n"
-
-
-def write_geojson(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_text(path, text)
-
-
-# --- HDF5 ----------------------------------------------------------------------------------------------
-def write_heatmap_h5(
-    path: str | os.PathLike[str],
-    *,
-    heatmap: np.ndarray,
-    count: np.ndarray,
-    tissue: np.ndarray | None,
-    coords: np.ndarray,
-    scores: np.ndarray,
-    attention: np.ndarray,
-    instance_probabilities: np.ndarray,
-    attrs: Mapping[str, Any],
-) -> Path:
-    """``heatmap`` (float32 canvas, NaN where unscored), ``tile_count``, ``tissue``, ``coords``, ``scores``
-    (the painted value per tile), ``attention``, ``instance_probabilities`` and the canvas attributes."""
-    import h5py
-
-    dest = Path(path)
-    try:
-        with atomic_path(dest) as tmp, h5py.File(tmp, "w") as fh:
-            fh.create_dataset("heatmap", data=heatmap.astype(np.float32), compression="gzip", compression_opts=4)
-            fh.create_dataset("tile_count", data=count.astype(np.int32), compression="gzip", compression_opts=4)
-            if tissue is not None:
-                fh.create_dataset("tissue", data=tissue.astype(np.uint8), compression="gzip", compression_opts=4)
-            fh.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
-            fh.create_dataset("scores", data=np.asarray(scores, np.float32))
-            fh.create_dataset("attention", data=np.asarray(attention, np.float32))
-            fh.create_dataset("instance_probabilities", data=np.asarray(instance_probabilities, np.float32))
-            for key, value in attrs.items():
-                fh.attrs[key] = value if not isinstance(value, list | tuple | dict) else json.dumps(value)
-    except OSError as exc:
-        raise as_output_error(exc, dest.parent) from exc
-    return dest

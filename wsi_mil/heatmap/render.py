@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from ..errors import ConfigError
-from .config import HeatmapConfig
-from .scores import SlideScores
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.errors import ConfigError
+from wsi_mil.store.score_file import SlideScores
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -284,7 +284,7 @@ def overlay(thumbnail: np.ndarray, heat: np.ndarray, cfg: HeatmapConfig, vmin: f
 
 def tissue_mask(thumbnail: np.ndarray, geometry: CanvasGeometry, cfg: HeatmapConfig) -> np.ndarray:
     """Tissue on the canvas grid: the tissue detector's steps run on the thumbnail itself."""
-    from ..tissue import TissueParams, segment_rgb
+    from wsi_mil.tissue import TissueParams, segment_rgb
 
     t = cfg.tissue
     params = TissueParams(

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..store import atomic_write_text, folder_lock
+from wsi_mil.store import atomic_write_text, folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def render_page(done: list[dict[str, Any]], other: list[dict[str, Any]], legend:
 
 def write_review_page(out: str | Path, colormap: str = "turbo") -> Path:
     """Rebuild ``DIR/legend.png`` and ``DIR/index.html`` from every slide rendered into ``DIR``."""
-    from .run import legend_png, read_summaries
+    from wsi_mil.runs.heatmap import legend_png, read_summaries
 
     folder = Path(out)
     done, other = read_summaries(folder)

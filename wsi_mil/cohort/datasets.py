@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_mil.bags import h5_open
 from wsi_mil.errors import BagFileError, FeatureSpecMismatchError, InputError
 from wsi_mil.mil.data import Bag
+from wsi_mil.store.bag_file import h5_open
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchSummary, run_batch
-from .config import SlideConfig, TilesConfig, TilingConfig, TissueConfig, config_hash, write_config
-from .errors import NoTissueError
-from .slide import Slide, SlideLimits, load_mpp_overrides, open_slide
-from .store import ensure_writable_dir
+from wsi_mil.config import SlideConfig, TilesConfig, TilingConfig, TissueConfig, config_hash, write_config
+from wsi_mil.errors import NoTissueError
+from wsi_mil.runs.slide_loop import BatchSummary, run_batch
+from wsi_mil.slide import Slide, SlideLimits, load_mpp_overrides, open_slide
+from wsi_mil.store import ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def prepare_slide(
     level-0 location; with ``skip_unreadable`` it reads as glass (white) and is listed in
     ``skipped_tiles`` (R4).
     """
-    from .tiling import TileParams, tile_grid
-    from .tissue import TissueParams, detect_tissue
+    from wsi_mil.tiling import TileParams, tile_grid
+    from wsi_mil.tissue import TissueParams, detect_tissue
 
     t0 = time.perf_counter()
     slide.skip_unreadable = skip_unreadable
@@ -93,7 +93,7 @@ def run_tiles(
     slides: list[Path], out_dir: Path, cfg: TilesConfig | None = None, progress: bool | None = None
 ) -> BatchSummary:
     """``wsi-mil tiles``: per slide ``coords/<id>.h5``, ``tissue/<id>.png|.geojson``, ``manifest.csv``."""
-    from .tiling import read_coords_h5, write_coords_h5
+    from wsi_mil.tiling import read_coords_h5, write_coords_h5
 
     cfg = cfg or TilesConfig()
     out_dir = ensure_writable_dir(out_dir)

@@ -31,16 +31,16 @@ from typing import IO, Any
 import numpy as np
 
 from wsi_mil import __version__
+from wsi_mil.cohort.datasets import FeatureSpec, LazyBagDataset, cohort_spec, discover_features, scan_bags
+from wsi_mil.cohort.labels import LabelTable, read_labels
+from wsi_mil.cohort.metrics import METRIC_NAMES, bootstrap_metrics, format_metrics_table
+from wsi_mil.cohort.splits import FoldSplit, make_splits, read_splits, write_splits
 from wsi_mil.config import write_config
+from wsi_mil.config.train import TrainConfig, resolve_device
 from wsi_mil.errors import ConfigError, InputError, OutputConflictError
 from wsi_mil.mil import Trainer, TrainerCallback, TrainerConfig, create_model, list_models, seed_everything
 from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
-from wsi_mil.training.checkpoint import save_checkpoint
-from wsi_mil.training.config import TrainConfig, resolve_device
-from wsi_mil.training.datasets import FeatureSpec, LazyBagDataset, cohort_spec, discover_features, scan_bags
-from wsi_mil.training.labels import LabelTable, read_labels
-from wsi_mil.training.metrics import METRIC_NAMES, bootstrap_metrics, format_metrics_table
-from wsi_mil.training.splits import FoldSplit, make_splits, read_splits, write_splits
+from wsi_mil.store.checkpoint import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def run_train(
     """Train one model per fold and evaluate it out of fold (see the module docstring for the outputs).
 
     Args:
-        features: a feature folder (wsi-mil, CLAM or TRIDENT layout; see :mod:`~wsi_mil.training.datasets`).
+        features: a feature folder (wsi-mil, CLAM or TRIDENT layout; see :mod:`~wsi_mil.cohort.datasets`).
         labels_csv: the label table (columns from ``config.labels``).
         out_dir: the run folder; refused when it already holds a run, unless ``overwrite``.
         config: :class:`TrainConfig` (defaults when ``None``).

@@ -33,23 +33,17 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..batch import BatchSummary, check_unique_ids, run_batch
-from ..config import write_config
-from ..errors import BagFileError, InputError
-from ..slide import Slide, SlideLimits, load_mpp_overrides, open_slide
-from ..store import RecordStore, atomic_write_bytes, atomic_write_json, ensure_writable_dir, folder_lock
-from .config import HeatmapConfig
-from .export import (
+from wsi_mil.config import write_config
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.errors import BagFileError, InputError
+from wsi_mil.heatmap.export import (
     contact_sheet,
     export_tiles,
     label_image,
     rank_tiles,
-    tiles_geojson,
-    write_geojson,
-    write_heatmap_h5,
     write_png,
 )
-from .render import (
+from wsi_mil.heatmap.render import (
     CanvasGeometry,
     Caption,
     TileValues,
@@ -65,7 +59,12 @@ from .render import (
     tile_values,
     tissue_mask,
 )
-from .scores import SlideScores, empty_scores, empty_slides, find_scores, load_scores
+from wsi_mil.runs.slide_loop import BatchSummary, check_unique_ids, run_batch
+from wsi_mil.slide import Slide, SlideLimits, load_mpp_overrides, open_slide
+from wsi_mil.store import RecordStore, atomic_write_bytes, atomic_write_json, ensure_writable_dir, folder_lock
+from wsi_mil.store.geojson import tile_detections_text, write_geojson
+from wsi_mil.store.heatmap_file import write_heatmap_h5
+from wsi_mil.store.score_file import SlideScores, empty_scores, empty_slides, find_scores, load_scores
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +152,7 @@ def run_heatmap(
     summary = run_batch(matched, out, process, MANIFEST_COLUMNS, progress=progress, desc="heatmaps")
     index = None
     try:
-        from .review import write_review_page
+        from wsi_mil.heatmap.review import write_review_page
 
         index = write_review_page(out, cfg.colormap)
     except OSError as exc:
@@ -286,7 +285,7 @@ def render_slide(
         tiles = _export_top_bottom(slide, scores, values, out_dir, cfg, cls)
         lap("tiles")
         if cfg.write_geojson:
-            write_geojson(out_dir / "tiles.geojson", tiles_geojson(
+            write_geojson(out_dir / "tiles.geojson", tile_detections_text(
                 scores.coords, scores.footprint_px, _measurements(scores, values), cfg.geojson_object_type))
         lap("geojson")
     _write_summary(out_dir, scores, values, cls, geometry, tiles, note="", clipped=clipped)
@@ -350,7 +349,7 @@ def _render_no_tiles(
     )
     tiles = _export_top_bottom(slide, scores, values, out_dir, cfg, cls)
     if cfg.write_geojson:
-        write_geojson(out_dir / "tiles.geojson", tiles_geojson(scores.coords, scores.footprint_px, {}))
+        write_geojson(out_dir / "tiles.geojson", tile_detections_text(scores.coords, scores.footprint_px, {}))
     _write_summary(out_dir, scores, values, cls, geometry, tiles, note=NO_TILES, clipped=False)
     return _record(scores, values, geometry, False, note=NO_TILES, timings={})
 

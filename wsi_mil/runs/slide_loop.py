@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DuplicateSlideIdError, InputError, NoTissueError, OutputError, WsiMilError
-from .slide import SLIDE_SUFFIXES
-from .store import RecordStore, SlideLock
+from wsi_mil.errors import DuplicateSlideIdError, InputError, NoTissueError, OutputError, WsiMilError
+from wsi_mil.slide import SLIDE_SUFFIXES
+from wsi_mil.store import RecordStore, SlideLock
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def run_batch(
     its first tiles) can overlap this one; ``discard(path)`` is called for a prefetched slide that will
     not be processed (the batch stopped).
     """
-    from .progress import progress_bar
+    from wsi_mil.progress import progress_bar
 
     store = RecordStore(out_dir, columns)
     summary = BatchSummary()

@@ -11,78 +11,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
-from .store import atomic_write_text
+from wsi_mil.errors import ConfigError
+from wsi_mil.store import atomic_write_text
 
 C = TypeVar("C", bound="StrictModel")
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class TissueConfig(StrictModel):
-    seg_mpp: float = Field(8.0, gt=0.5, le=64.0, description="µm/px at which tissue is segmented")
-    min_saturation: int = Field(15, ge=0, le=255, description="floor under the Otsu threshold")
-    median_blur_um: float = Field(56.0, ge=0, description="median blur kernel, µm")
-    close_um: float = Field(64.0, ge=0, description="morphological close kernel, µm")
-    min_tissue_area_um2: float = Field(50_000.0, ge=0, description="smallest piece kept (0.05 mm²)")
-    min_hole_area_um2: float = Field(10_000.0, ge=0, description="smallest hole kept")
-
-
-class TilingConfig(StrictModel):
-    mpp: float = Field(0.5, gt=0.05, le=16.0, description="tile resolution, µm/px")
-    tile_px: int = Field(256, ge=16, le=4096)
-    stride_px: int | None = Field(None, ge=1, le=4096, description="default: tile_px (no overlap)")
-    min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
-
-
-class SlideConfig(StrictModel):
-    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
-    mpp_override: float | None = Field(None, gt=0)
-    mpp_override_csv: str | None = None
-    max_slide_px: int = Field(100_000_000_000, gt=0)
-    max_read_px: int = Field(64 * 1024 * 1024, gt=0)
-
-
-class TilesConfig(StrictModel):
-    """``wsi-mil tiles``."""
-
-    slide: SlideConfig = SlideConfig()
-    tissue: TissueConfig = TissueConfig()
-    tiling: TilingConfig = TilingConfig()
-    thumbnail_px: int = Field(1024, ge=64, le=8192)
-
-
-class ExtractConfig(StrictModel):
-    """``wsi-mil extract``."""
-
-    slide: SlideConfig = SlideConfig()
-    tissue: TissueConfig = TissueConfig()
-    tiling: TilingConfig = TilingConfig()
-    encoder: str = "tf_efficientnet_lite0"
-    weights: str | None = None
-    random_init: bool = False
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
-    batch_size: int | None = Field(
-        None, ge=1, le=4096, description="tiles per forward pass; null: 8 on CPU (fastest measured), 128 on CUDA"
-    )
-    workers: int = Field(-1, ge=-1, le=64, description="-1: choose from the CPU count")
-    channels_last: bool = True
-    compile: bool = False
-    feature_dtype: Literal["float32", "float16"] = "float32"
-    skip_unreadable_tiles: bool = False
-    thumbnail_px: int = Field(1024, ge=64, le=8192)
-
-
-# Fields that change what an extract output contains; a rerun with different values is refused.
-EXTRACT_HASH_FIELDS = ("slide", "tissue", "tiling", "encoder", "weights", "random_init", "precision", "feature_dtype")
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

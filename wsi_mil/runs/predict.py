@@ -34,12 +34,7 @@ import numpy as np
 import torch
 
 from wsi_mil import __version__
-from wsi_mil.bags import h5_open
-from wsi_mil.errors import CheckpointError, InputError
-from wsi_mil.store import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
-from wsi_mil.training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
-from wsi_mil.training.config import PredictConfig, resolve_device
-from wsi_mil.training.datasets import (
+from wsi_mil.cohort.datasets import (
     BagInfo,
     check_spec,
     discover_features,
@@ -48,8 +43,13 @@ from wsi_mil.training.datasets import (
     scan_bags,
     spec_differences,
 )
-from wsi_mil.training.labels import read_labels
-from wsi_mil.training.metrics import bootstrap_metrics, format_metrics_table
+from wsi_mil.cohort.labels import read_labels
+from wsi_mil.cohort.metrics import bootstrap_metrics, format_metrics_table
+from wsi_mil.config.train import PredictConfig, resolve_device
+from wsi_mil.errors import CheckpointError, InputError
+from wsi_mil.store import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
+from wsi_mil.store.bag_file import h5_open
+from wsi_mil.store.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def run_predict(
     """Predict every bag under ``features`` with the averaged ``checkpoints``.
 
     Args:
-        features: a feature folder or one bag file (see :mod:`~wsi_mil.training.datasets`).
+        features: a feature folder or one bag file (see :mod:`~wsi_mil.cohort.datasets`).
         checkpoints: ``model.json``/``model.safetensors`` files, fold folders, or training run folders.
         out_dir: output folder (see the module docstring).
         labels_csv: optional label table; adds ``label``/``case_id`` and ``metrics.json``.

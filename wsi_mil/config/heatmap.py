@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import SlideConfig, StrictModel
+from wsi_mil.config import SlideConfig, StrictModel
 
 ScoreKind = Literal["attention", "probability"]
 AttentionScale = Literal["rank", "fixed"]

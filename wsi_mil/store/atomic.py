@@ -1,32 +1,25 @@
-"""Small storage layer below every stage: atomic writes, per-slide locks and records, run manifests.
+"""Atomic writes: nothing is written in place.
 
-* Nothing is written in place: outputs go to a temp file in the destination folder and are moved
-  with ``os.replace`` once complete (a killed run leaves either nothing or a complete file).
-* Several processes may share one output folder (Slurm arrays, Kubernetes indexed jobs): each slide
-  is claimed with an exclusive ``flock`` on ``.locks/<slide_id>.lock``; the kernel drops the lock
-  when its process dies, so locks of dead processes are reclaimed without any clean-up.
-* Each processed slide leaves one JSON record (``.records/<slide_id>.json``); ``manifest.csv`` is
-  rebuilt from all records, so concurrent processes never overwrite each other's rows.
+Outputs go to a temp file (``.tmp-*``) in the destination folder and are moved with ``os.replace``
+once complete, so a killed run leaves either nothing or a complete file. Disk and lock errors are
+turned into :class:`~wsi_mil.errors.OutputError` naming the folder and the remedy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import fcntl
-import io
 import json
 import logging
 import os
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from wsi_mil.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -194,107 +187,3 @@ def ensure_writable_dir(folder: str | os.PathLike[str]) -> Path:
             "(in Docker, mount it read-write and check the container user's permissions)."
         ) from exc
     return p
-
-
-class SlideLock:
-    """An exclusive, non-blocking per-slide lock shared by all processes on one output folder.
-
-    Uses ``flock`` on ``<out>/.locks/<slide_id>.lock``: the kernel releases it when the holder dies,
-    so a crashed worker's slide is picked up by the next run.
-    """
-
-    def __init__(self, out_dir: Path, slide_id: str) -> None:
-        self.path = Path(out_dir) / ".locks" / f"{slide_id}.lock"
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> SlideLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-@contextlib.contextmanager
-def folder_lock(out_dir: Path, name: str = "run") -> Iterator[None]:
-    """A blocking exclusive lock for short critical sections (manifest rebuilds, config writes)."""
-    lock_path = Path(out_dir) / ".locks" / f"{name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-class RecordStore:
-    """One JSON record per slide under ``<out>/.records``; ``manifest.csv`` is built from them."""
-
-    def __init__(self, out_dir: Path, columns: Sequence[str]) -> None:
-        self.out_dir = Path(out_dir)
-        self.dir = self.out_dir / ".records"
-        self.columns = list(columns)
-
-    def write(self, record: dict[str, Any]) -> None:
-        atomic_write_json(self.dir / f"{record['slide_id']}.json", record)
-
-    def read(self, slide_id: str) -> dict[str, Any] | None:
-        p = self.dir / f"{slide_id}.json"
-        try:
-            return dict(json.loads(p.read_text(encoding="utf-8")))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def all(self) -> list[dict[str, Any]]:
-        out = []
-        for p in sorted(self.dir.glob("*.json")):
-            try:
-                out.append(dict(json.loads(p.read_text(encoding="utf-8"))))
-            except json.JSONDecodeError:
-                logger.warning("ignoring unreadable record %s", p)
-        return out
-
-    def write_manifest(self, name: str = "manifest.csv") -> Path:
-        with folder_lock(self.out_dir, "manifest"):
-            rows = sorted(self.all(), key=lambda r: str(r.get("slide_id", "")))
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _csv_value(row.get(k)) for k in self.columns})
-            return atomic_write_text(self.out_dir / name, buf.getvalue())
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value

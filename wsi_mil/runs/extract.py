@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from .. import __version__
-from ..bags import BagWriter, bag_is_complete
-from ..batch import BatchSummary, run_batch
-from ..config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load_config, write_config
-from ..errors import ConfigError, OutputConflictError, SlideReadError
-from ..prepare import SlideOpener, prepare_slide
-from ..slide import Slide, SlideLimits, open_slide, reader_versions
-from ..store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
+from wsi_mil import __version__
+from wsi_mil.config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load_config, write_config
+from wsi_mil.errors import ConfigError, OutputConflictError, SlideReadError
+from wsi_mil.runs.slide_loop import BatchSummary, run_batch
+from wsi_mil.runs.tiles import SlideOpener, prepare_slide
+from wsi_mil.slide import Slide, SlideLimits, open_slide, reader_versions
+from wsi_mil.store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
+from wsi_mil.store.bag_file import BagWriter, bag_is_complete
 
 logger = logging.getLogger(__name__)
 
@@ -530,8 +530,8 @@ def run_extract(
     ``threads``: torch CPU threads while running (restored afterwards); default ``OMP_NUM_THREADS``
     when set, else the CPUs this process may use.
     """
-    from ..batch import check_unique_ids, select_shard
-    from .encoders import autocast_context, create_encoder, encoder_identity, resolve_device
+    from wsi_mil.features.encoders import autocast_context, create_encoder, encoder_identity, resolve_device
+    from wsi_mil.runs.slide_loop import check_unique_ids, select_shard
 
     cfg = cfg or ExtractConfig()
     slides = [Path(p) for p in slides]
@@ -832,7 +832,7 @@ def _encode_slide(
     progress: bool | None,
     autocast_context: Any,
 ) -> dict[str, Any]:
-    from ..progress import progress_bar
+    from wsi_mil.progress import progress_bar
 
     coords = ready.coords
     loader: Any

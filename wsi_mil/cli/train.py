@@ -61,9 +61,9 @@ def train(
     FEATURES: `wsi-mil extract` output folder (or its features/), CLAM's folder (h5_files/, pt_files/),
     or TRIDENT's features_<encoder>/ folder.
     """
-    from .config import load_config
-    from .errors import WsiMilError
-    from .training.config import TrainConfig
+    from wsi_mil.config import load_config
+    from wsi_mil.config.train import TrainConfig
+    from wsi_mil.errors import WsiMilError
 
     try:
         cfg = load_config(
@@ -83,7 +83,7 @@ def train(
                 "strict": strict,
             },
         )
-        from .training.run import run_train
+        from wsi_mil.runs.train import run_train
 
         result = run_train(features, labels_csv, out_dir, cfg, splits_csv=splits_csv, overwrite=overwrite)
     except WsiMilError as exc:
@@ -119,9 +119,9 @@ def predict(
 
     Features must match the checkpoint's feature spec (encoder, dimension, tile µm/px and px).
     """
-    from .config import load_config
-    from .errors import WsiMilError
-    from .training.config import PredictConfig
+    from wsi_mil.config import load_config
+    from wsi_mil.config.train import PredictConfig
+    from wsi_mil.errors import WsiMilError
 
     try:
         cfg = load_config(
@@ -135,7 +135,7 @@ def predict(
                 "labels.case_col": case_col,
             },
         )
-        from .training.predict import run_predict
+        from wsi_mil.runs.predict import run_predict
 
         result = run_predict(features, list(checkpoints), out_dir, cfg, labels_csv=labels_csv)
     except WsiMilError as exc:

@@ -63,8 +63,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import WsiMilError
-from .synthetic import RegionRenderer, SlideFormat, write_pyramid
+from wsi_mil.demo.pyramid import RegionRenderer, SlideFormat, write_pyramid
+from wsi_mil.errors import WsiMilError
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _load_sources() -> _Sources:
 def _read_sources(cmu_path: Path, target_path: Path) -> _Sources:
     from skimage import data as skdata
 
-    from .slide import open_slide
+    from wsi_mil.slide import open_slide
 
     with open_slide(cmu_path) as slide:
         cmu = slide.read_region((0, 0), 0, slide.dimensions)

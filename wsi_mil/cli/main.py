@@ -46,7 +46,7 @@ def encoder_from_env(config_path: str | None, encoder: str | None, weights: str 
     if encoder is not None or weights is not None:
         return encoder, weights
     if config_path is not None:
-        from .config import read_yaml
+        from wsi_mil.config import read_yaml
 
         data = read_yaml(config_path)
         if data.get("encoder") is not None or data.get("weights") is not None:
@@ -75,8 +75,8 @@ def main(verbose: int, quiet: bool) -> None:
 @click.option("--broken", is_flag=True, help="Also write a folder of broken slides (OUT/broken) for trying failure handling.")
 def sample_data(out: str, n_slides: int, seed: int, broken: bool) -> None:
     """Build the sample cohort of pyramidal slides from real tissue: OUT/slides, labels.csv, annotations/."""
-    from .errors import WsiMilError
-    from .sample_data import build_sample_cohort, write_broken_slides
+    from wsi_mil.demo.cohort import build_sample_cohort, write_broken_slides
+    from wsi_mil.errors import WsiMilError
 
     try:
         info = build_sample_cohort(Path(out), n_slides=n_slides, seed=seed)
@@ -116,10 +116,10 @@ def tiles(
 
     SLIDES: folders, globs, files, or a CSV with a 'path' column.
     """
-    from .batch import discover_slides
-    from .config import TilesConfig, load_config
-    from .errors import WsiMilError
-    from .prepare import run_tiles
+    from wsi_mil.config import TilesConfig, load_config
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.runs.slide_loop import discover_slides
+    from wsi_mil.runs.tiles import run_tiles
 
     try:
         cfg = load_config(
@@ -192,9 +192,9 @@ def extract(
     Resumable: rerun the same command after a crash or Ctrl-C; complete slides are skipped.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch allocates: huge pages, fewer faults
-    from .batch import discover_slides, parse_shard
-    from .config import ExtractConfig, load_config
-    from .errors import WsiMilError
+    from wsi_mil.config import ExtractConfig, load_config
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.runs.slide_loop import discover_slides, parse_shard
 
     try:
         encoder, weights = encoder_from_env(config_path, encoder, weights)
@@ -221,7 +221,7 @@ def extract(
         )
         shard_ix = parse_shard(shard)
         paths = discover_slides(list(slides))
-        from .features.extract import run_extract
+        from wsi_mil.runs.extract import run_extract
 
         summary = run_extract(paths, Path(out_dir), cfg, overwrite=overwrite, shard=shard_ix)
     except WsiMilError as exc:
@@ -251,8 +251,8 @@ def pipeline(config_path: str | None, out_dir: str | None, slides: tuple[str, ..
     of configs/<stage>.yaml (see configs/pipeline.yaml; default: the sample cohort). Rerun to resume.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    from .errors import WsiMilError
-    from .pipeline import load_pipeline_config, run_pipeline
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.runs.pipeline import load_pipeline_config, run_pipeline
 
     try:
         cfg = load_pipeline_config(config_path, out=out_dir, slides=list(slides), labels=labels_csv, device=device)
@@ -267,8 +267,8 @@ def pipeline(config_path: str | None, out_dir: str | None, slides: tuple[str, ..
 
 
 def _register_commands() -> None:
-    from .cli_heatmap import heatmap
-    from .cli_train import predict, train
+    from wsi_mil.cli.heatmap import heatmap
+    from wsi_mil.cli.train import predict, train
 
     for command in (train, predict, heatmap):
         main.add_command(command)

@@ -1,9 +1,9 @@
 """``wsi-mil pipeline``: one config runs a cohort through extract -> train -> predict -> heatmap.
 
 The cohort is the built-in sample cohort (``sample_data``) or the user's slides and label CSV. Each
-stage calls the same library function as its own command (:func:`~wsi_mil.features.extract.run_extract`,
-:func:`~wsi_mil.training.run.run_train`, :func:`~wsi_mil.training.predict.run_predict`,
-:func:`~wsi_mil.heatmap.run.run_heatmap`) with the stage's section of the config, which takes exactly
+stage calls the same library function as its own command (:func:`~wsi_mil.runs.extract.run_extract`,
+:func:`~wsi_mil.runs.train.run_train`, :func:`~wsi_mil.runs.predict.run_predict`,
+:func:`~wsi_mil.runs.heatmap.run_heatmap`) with the stage's section of the config, which takes exactly
 the keys of ``configs/<stage>.yaml``. Layout of ``out``: ``cohort/`` (sample data only), ``extract/``,
 ``train/``, ``predict/``, ``heatmaps/`` (``index.html``), ``pipeline.yaml`` (the resolved config).
 
@@ -23,10 +23,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from .config import ExtractConfig, StrictModel, write_config
-from .errors import ConfigError, InputError
-from .heatmap.config import HeatmapConfig
-from .training.config import PredictConfig, TrainConfig
+from wsi_mil.config import ExtractConfig, StrictModel, write_config
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.config.train import PredictConfig, TrainConfig
+from wsi_mil.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def load_pipeline_config(
     ``slides`` replaces the sample cohort by the user's slides; ``device`` applies to every stage.
     Unknown keys in any section are rejected, naming the key.
     """
-    from .config import read_yaml, validate_config
+    from wsi_mil.config import read_yaml, validate_config
 
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     if out is not None:
@@ -141,12 +141,12 @@ def load_pipeline_config(
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool | None = None) -> PipelineResult:
     """Run every stage; raise :class:`~wsi_mil.errors.InputError` when a stage leaves nothing to go on."""
-    from .batch import discover_slides
-    from .features.extract import run_extract
-    from .heatmap.run import run_heatmap
-    from .store import atomic_write_json, ensure_writable_dir
-    from .training.predict import run_predict
-    from .training.run import run_train
+    from wsi_mil.runs.extract import run_extract
+    from wsi_mil.runs.heatmap import run_heatmap
+    from wsi_mil.runs.predict import run_predict
+    from wsi_mil.runs.slide_loop import discover_slides
+    from wsi_mil.runs.train import run_train
+    from wsi_mil.store import atomic_write_json, ensure_writable_dir
 
     out = ensure_writable_dir(Path(cfg.out))
     write_config(cfg, out / "pipeline.yaml")
@@ -154,7 +154,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool | None = None) -> Pipeli
 
     t0 = time.perf_counter()
     if cfg.sample_data is not None:
-        from .sample_data import build_sample_cohort
+        from wsi_mil.demo.cohort import build_sample_cohort
 
         info = build_sample_cohort(out / "cohort", n_slides=cfg.sample_data.slides, seed=cfg.sample_data.seed)
         slide_inputs: list[str] = [str(info.slides_dir)]

@@ -1,4 +1,4 @@
-"""``wsi-mil heatmap``: a thin click command over :func:`wsi_mil.heatmap.run.run_heatmap`.
+"""``wsi-mil heatmap``: a thin click command over :func:`wsi_mil.runs.heatmap.run_heatmap`.
 
 Registered on the main group with ``main.add_command(heatmap)``. This module does not import
 ``wsi_mil.cli`` (so either may be imported first); heavy modules load inside the command.
@@ -66,11 +66,11 @@ def heatmap(
     SLIDES: folders, globs, files, or a CSV with a 'path' column. Slides are matched to score files by
     slide id. Features are never re-extracted.
     """
-    from .batch import discover_slides
-    from .config import load_config
-    from .errors import InputError, WsiMilError
-    from .heatmap.config import HeatmapConfig
-    from .heatmap.run import run_heatmap
+    from wsi_mil.config import load_config
+    from wsi_mil.config.heatmap import HeatmapConfig
+    from wsi_mil.errors import InputError, WsiMilError
+    from wsi_mil.runs.heatmap import run_heatmap
+    from wsi_mil.runs.slide_loop import discover_slides
 
     try:
         if (scores_dir is None) == (features_dir is None):
@@ -110,13 +110,13 @@ def heatmap(
 
 def _predict_first(features_dir: Path, checkpoints: list[Path], out_dir: Path, labels_csv: str | None) -> Path:
     """Score the feature bags with the predict library function into ``OUT/predict``; return that folder."""
-    from .errors import InputError
+    from wsi_mil.errors import InputError
 
     try:
-        from .training.predict import run_predict
+        from wsi_mil.runs.predict import run_predict
     except ImportError as exc:
         raise InputError(
-            "--features/--checkpoint needs `wsi-mil predict` (wsi_mil.training.predict), which this installation "
+            "--features/--checkpoint needs `wsi-mil predict` (wsi_mil.runs.predict), which this installation "
             f"lacks ({exc}). Run `wsi-mil predict FEATURES --checkpoint CKPT --out P`, then "
             "`wsi-mil heatmap SLIDES --scores P --out DIR`."
         ) from exc

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BagFileError, OutputError
-from .store import HDF5_LOCK_HINT, as_output_error, is_disk_error, is_lock_error, temp_name
+from wsi_mil.errors import BagFileError, OutputError
+from wsi_mil.store import HDF5_LOCK_HINT, as_output_error, is_disk_error, is_lock_error, temp_name
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BagFileError
-from ..store import as_output_error, atomic_path
+from wsi_mil.errors import BagFileError
+from wsi_mil.store import as_output_error, atomic_path
 
 logger = logging.getLogger(__name__)
 

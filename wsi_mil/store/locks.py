@@ -1,0 +1,72 @@
+"""Locks shared by every process writing one output folder (Slurm arrays, Kubernetes indexed jobs).
+
+Each slide is claimed with an exclusive ``flock`` on ``<out>/.locks/<slide_id>.lock``; the kernel drops
+the lock when its process dies, so locks of dead processes are reclaimed without any clean-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class SlideLock:
+    """An exclusive, non-blocking per-slide lock shared by all processes on one output folder.
+
+    Uses ``flock`` on ``<out>/.locks/<slide_id>.lock``: the kernel releases it when the holder dies,
+    so a crashed worker's slide is picked up by the next run.
+    """
+
+    def __init__(self, out_dir: Path, slide_id: str) -> None:
+        self.path = Path(out_dir) / ".locks" / f"{slide_id}.lock"
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SlideLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: Path, name: str = "run") -> Iterator[None]:
+    """A blocking exclusive lock for short critical sections (manifest rebuilds, config writes)."""
+    lock_path = Path(out_dir) / ".locks" / f"{name}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
