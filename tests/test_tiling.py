@@ -14,15 +14,8 @@ import pytest
 from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.errors import BagFileError, ConfigError, InputError, NoTissueError
 from wsi_mil.slide import open_slide
-from wsi_mil.tiling import (
-    TileGrid,
-    TileParams,
-    _tissue_fraction,
-    read_coords_h5,
-    round_half_up,
-    tile_grid,
-    write_coords_h5,
-)
+from wsi_mil.store.coords_file import TileGrid, read_coords_h5, write_coords_h5
+from wsi_mil.tiling import TileParams, _tissue_fraction, round_half_up, tile_grid
 from wsi_mil.tissue import TissueResult, detect_tissue
 
 #: Slide extent and tissue layout in microns, rendered at each scanner resolution.

@@ -27,7 +27,6 @@ it, block by block) and closes it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ import torch
 
 from wsi_mil.errors import BagFileError, FeatureSpecMismatchError, InputError
 from wsi_mil.mil.data import Bag
-from wsi_mil.store.bag_file import h5_open
+from wsi_mil.store.hdf5 import decode_attr, h5_open, positive_float, positive_int, text_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -82,36 +81,16 @@ class FeatureSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureSpec:
         return cls(
-            encoder_name=_opt_str(data.get("encoder_name")),
+            encoder_name=text_or_none(data.get("encoder_name")),
             feature_dim=int(data["feature_dim"]),
-            mpp=_opt_float(data.get("mpp")),
-            tile_px=_opt_int(data.get("tile_px")),
-            weights_sha256=_opt_str(data.get("weights_sha256")),
-            wsi_mil_version=_opt_str(data.get("wsi_mil_version")),
+            mpp=positive_float(data.get("mpp")),
+            tile_px=positive_int(data.get("tile_px")),
+            weights_sha256=text_or_none(data.get("weights_sha256")),
+            wsi_mil_version=text_or_none(data.get("wsi_mil_version")),
         )
 
 
-def _opt_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return text or None
 
-
-def _opt_float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) and out > 0 else None
-
-
-def _opt_int(value: Any) -> int | None:
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        return None
-    return out if out > 0 else None
 
 
 @dataclass(frozen=True)
@@ -232,13 +211,6 @@ def discover_features(path: str | os.PathLike[str]) -> FeatureFolder:
 
 
 # --- reading --------------------------------------------------------------------------------------------
-def _decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
 
 def _load_pt(path: Path) -> torch.Tensor:
     """A CLAM ``.pt`` bag: an ``[N, D]`` tensor (or a dict with ``features``/``feats``), never unpickled."""
@@ -285,7 +257,7 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
         return BagInfo(source, int(tensor.shape[0]), spec, has_coords=False, finite=pt_finite)
     try:
         with h5_open(source.path) as f:
-            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
             if FEATURES not in f:
                 raise BagFileError(
                     f"slide {source.slide_id!r} ({source.path}): no 'features' dataset; not a feature bag."
@@ -300,7 +272,7 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
             has_coords = COORDS in f
             if has_coords:
                 n_coords = int(f[COORDS].shape[0])
-                coords_attrs = {k: _decode(v) for k, v in f[COORDS].attrs.items()}
+                coords_attrs = {k: decode_attr(v) for k, v in f[COORDS].attrs.items()}
                 if n_coords != n_tiles:
                     raise BagFileError(
                         f"slide {source.slide_id!r} ({source.path}) has {n_tiles} feature rows but {n_coords} "
@@ -325,30 +297,30 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
             f"slide {source.slide_id!r}: {source.path} is not marked complete (an interrupted extract?); "
             "rerun `wsi-mil extract` on that folder."
         )
-    slide_mpp = _opt_float(attrs.get("slide_mpp"))
-    footprint = _opt_int(attrs.get("footprint_px"))
+    slide_mpp = positive_float(attrs.get("slide_mpp"))
+    footprint = positive_int(attrs.get("footprint_px"))
     if source.layout == "trident" or "target_magnification" in coords_attrs:
-        magnification = _opt_float(coords_attrs.get("target_magnification"))
-        level0 = _opt_float(coords_attrs.get("level0_magnification"))
+        magnification = positive_float(coords_attrs.get("target_magnification"))
+        level0 = positive_float(coords_attrs.get("level0_magnification"))
         spec = FeatureSpec(
-            encoder_name=source.encoder_hint or _opt_str(attrs.get("encoder_name")),
+            encoder_name=source.encoder_hint or text_or_none(attrs.get("encoder_name")),
             feature_dim=dim,
             mpp=round(10.0 / magnification, 4) if magnification else None,
-            tile_px=_opt_int(coords_attrs.get("patch_size")),
+            tile_px=positive_int(coords_attrs.get("patch_size")),
         )
         slide_mpp = round(10.0 / level0, 4) if level0 else slide_mpp
-        footprint = _opt_int(coords_attrs.get("patch_size_level0")) or footprint
+        footprint = positive_int(coords_attrs.get("patch_size_level0")) or footprint
     else:
         spec = FeatureSpec(
-            encoder_name=_opt_str(attrs.get("encoder_name")),
+            encoder_name=text_or_none(attrs.get("encoder_name")),
             feature_dim=dim,
-            mpp=_opt_float(attrs.get("mpp", attrs.get("tile_mpp"))),
-            tile_px=_opt_int(attrs.get("tile_px")),
-            weights_sha256=_opt_str(attrs.get("weights_sha256")),
-            wsi_mil_version=_opt_str(attrs.get("wsi_mil_version")),
+            mpp=positive_float(attrs.get("mpp", attrs.get("tile_mpp"))),
+            tile_px=positive_int(attrs.get("tile_px")),
+            weights_sha256=text_or_none(attrs.get("weights_sha256")),
+            wsi_mil_version=text_or_none(attrs.get("wsi_mil_version")),
         )
         if footprint is None:
-            footprint = _opt_int(coords_attrs.get("patch_size"))
+            footprint = positive_int(coords_attrs.get("patch_size"))
     return BagInfo(
         source=source,
         n_tiles=n_tiles,

@@ -14,13 +14,19 @@ records the counts on ``<html data-images-ok=.. data-images-broken=..>``; the br
 from __future__ import annotations
 
 import html
+import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from wsi_mil.store import atomic_write_text, folder_lock
+import numpy as np
+
+from wsi_mil.config.heatmap import HeatmapConfig
+from wsi_mil.heatmap.render import TileValues, render_colorbar
+from wsi_mil.store import RecordStore, atomic_write_bytes, atomic_write_text, folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +207,49 @@ def render_page(done: list[dict[str, Any]], other: list[dict[str, Any]], legend:
     return "\n".join(head + body + tail + ["</main>", f"<script>{_JS}</script>", "</body></html>", ""])
 
 
+def legend_png(out: Path, summaries: Sequence[dict[str, Any]], cfg_colormap: str) -> Path | None:
+    """``DIR/legend.png``: the colour bar of the page (from the first slide's scale)."""
+    for s in summaries:
+        sc = s.get("score")
+        if not isinstance(sc, dict):
+            continue
+        values = TileValues(
+            np.zeros(0), str(sc["kind"]), str(sc["scale"]), float(sc["vmin"]), float(sc["vmax"]), str(sc["label"]),
+            str(sc["short"]), sc.get("class_name"), tuple(float(t) for t in sc["ticks"]),
+            tuple(str(t) for t in sc["tick_labels"]),
+        )
+        if values.kind == "probability" and len({str(x.get("sort_class")) for x in summaries}) > 1:
+            values = TileValues(values.values, values.kind, values.scale, values.vmin, values.vmax,
+                                "P(predicted class) of each tile", values.short, None, values.ticks,
+                                values.tick_labels)
+        cfg = HeatmapConfig(colormap=cfg_colormap)
+        with folder_lock(out, "legend"):
+            return atomic_write_bytes(out / "legend.png", render_colorbar(values, cfg))
+    return None
+
+
+def read_summaries(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(summaries of rendered slides, records of the others) from a heatmap output folder."""
+    records = RecordStore(out, ()).all()  # reading needs no columns
+    done, other = [], []
+    for rec in records:
+        sid = str(rec.get("slide_id", ""))
+        if rec.get("status") == "done":
+            try:
+                s = json.loads((out / sid / "summary.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                other.append({**rec, "status": "failed", "error": "summary.json missing or unreadable"})
+                continue
+            done.append(s)
+        elif rec.get("status") != "locked":
+            other.append(rec)
+    done.sort(key=lambda s: (-float(s.get("sort_probability", 0.0) if math.isfinite(
+        float(s.get("sort_probability", 0.0))) else 0.0), str(s.get("slide_id"))))
+    return done, other
+
+
 def write_review_page(out: str | Path, colormap: str = "turbo") -> Path:
     """Rebuild ``DIR/legend.png`` and ``DIR/index.html`` from every slide rendered into ``DIR``."""
-    from wsi_mil.runs.heatmap import legend_png, read_summaries
 
     folder = Path(out)
     done, other = read_summaries(folder)

@@ -211,8 +211,29 @@ def _check_dropout(dropout: float) -> float:
     return float(dropout)
 
 
+class _EmbeddingMIL(MILModel):
+    """An instance MLP ``e_t = mlp(h_t)`` and one linear ``classifier`` shared by tiles and bag."""
+
+    def __init__(
+        self, in_dim: int, n_classes: int, hidden_dims: Sequence[int] = (512,), dropout: float = 0.25
+    ) -> None:
+        hidden_dims = tuple(int(h) for h in hidden_dims)
+        super().__init__(in_dim, n_classes, hidden_dims=hidden_dims, dropout=_check_dropout(dropout))
+        self.mlp, self.embed_dim = _instance_mlp(self.in_dim, hidden_dims, float(dropout))
+        self.classifier = nn.Linear(self.embed_dim, self.n_classes)
+
+
+def _pooled_output(classifier: nn.Module, bag_embedding: Tensor, embeddings: Tensor, attention: Tensor) -> MILOutput:
+    """Bag logits from the pooled embedding and instance logits from each tile's, by one classifier."""
+    return MILOutput(
+        bag_logits=_upcast(classifier(bag_embedding)),
+        instance_logits=_upcast(classifier(embeddings)),
+        attention=attention,
+    )
+
+
 @register_model("loss_attention")
-class LossAttentionMIL(MILModel):
+class LossAttentionMIL(_EmbeddingMIL):
     """Loss-based attention MIL (Shi et al., AAAI 2020), term by term as in ``shared/method.md``.
 
     ``e_t = mlp(h_t)``; ``z_t = classifier(e_t)`` (the one shared ``nn.Linear``);
@@ -221,18 +242,6 @@ class LossAttentionMIL(MILModel):
     classifier is affine and the weights sum to 1. The attention has no parameters of its own, so every
     gradient of ``alpha`` flows into the classifier and the instance MLP.
     """
-
-    def __init__(
-        self,
-        in_dim: int,
-        n_classes: int,
-        hidden_dims: Sequence[int] = (512,),
-        dropout: float = 0.25,
-    ) -> None:
-        hidden_dims = tuple(int(h) for h in hidden_dims)
-        super().__init__(in_dim, n_classes, hidden_dims=hidden_dims, dropout=_check_dropout(dropout))
-        self.mlp, self.embed_dim = _instance_mlp(self.in_dim, hidden_dims, float(dropout))
-        self.classifier = nn.Linear(self.embed_dim, self.n_classes)
 
     def _forward_batch(self, x: Tensor, mask: Tensor | None) -> MILOutput:
         embeddings = self.mlp(x)
@@ -288,23 +297,12 @@ class ABMIL(MILModel):
         attention = _masked_softmax(self.attention_w(hidden).squeeze(-1), mask)
         if mask is not None:
             embeddings = embeddings.masked_fill(~mask.unsqueeze(-1), 0.0)
-        bag_embedding = _weighted_sum(attention, embeddings)
-        bag_logits = _upcast(self.classifier(bag_embedding))
-        instance_logits = _upcast(self.classifier(embeddings))
-        return MILOutput(bag_logits=bag_logits, instance_logits=instance_logits, attention=attention)
+        return _pooled_output(self.classifier, _weighted_sum(attention, embeddings), embeddings, attention)
 
 
 @register_model("mean")
-class MeanPoolMIL(MILModel):
+class MeanPoolMIL(_EmbeddingMIL):
     """Embedding mean pooling: ``classifier(mean_t e_t)``; attention is uniform ``1 / n_real``."""
-
-    def __init__(
-        self, in_dim: int, n_classes: int, hidden_dims: Sequence[int] = (512,), dropout: float = 0.25
-    ) -> None:
-        hidden_dims = tuple(int(h) for h in hidden_dims)
-        super().__init__(in_dim, n_classes, hidden_dims=hidden_dims, dropout=_check_dropout(dropout))
-        self.mlp, self.embed_dim = _instance_mlp(self.in_dim, hidden_dims, float(dropout))
-        self.classifier = nn.Linear(self.embed_dim, self.n_classes)
 
     def _forward_batch(self, x: Tensor, mask: Tensor | None) -> MILOutput:
         embeddings = _upcast(self.mlp(x))
@@ -314,14 +312,11 @@ class MeanPoolMIL(MILModel):
             weights = mask.to(embeddings.dtype)
             attention = weights / weights.sum(dim=1, keepdim=True)
             embeddings = embeddings.masked_fill(~mask.unsqueeze(-1), 0.0)
-        bag_embedding = _weighted_sum(attention, embeddings)
-        bag_logits = _upcast(self.classifier(bag_embedding))
-        instance_logits = _upcast(self.classifier(embeddings))
-        return MILOutput(bag_logits=bag_logits, instance_logits=instance_logits, attention=attention)
+        return _pooled_output(self.classifier, _weighted_sum(attention, embeddings), embeddings, attention)
 
 
 @register_model("max")
-class MaxPoolMIL(MILModel):
+class MaxPoolMIL(_EmbeddingMIL):
     """Embedding max pooling: ``classifier(max_t e_t)`` with the max taken per embedding dimension.
 
     Attention (a read-out only, it does not enter the prediction): ``alpha_t`` is the share of the
@@ -330,14 +325,6 @@ class MaxPoolMIL(MILModel):
     when one instance carries every maximum.
     """
 
-    def __init__(
-        self, in_dim: int, n_classes: int, hidden_dims: Sequence[int] = (512,), dropout: float = 0.25
-    ) -> None:
-        hidden_dims = tuple(int(h) for h in hidden_dims)
-        super().__init__(in_dim, n_classes, hidden_dims=hidden_dims, dropout=_check_dropout(dropout))
-        self.mlp, self.embed_dim = _instance_mlp(self.in_dim, hidden_dims, float(dropout))
-        self.classifier = nn.Linear(self.embed_dim, self.n_classes)
-
     def _forward_batch(self, x: Tensor, mask: Tensor | None) -> MILOutput:
         embeddings = _upcast(self.mlp(x))
         pooled_input = embeddings
@@ -345,10 +332,7 @@ class MaxPoolMIL(MILModel):
             pooled_input = embeddings.masked_fill(~mask.unsqueeze(-1), float("-inf"))
             embeddings = embeddings.masked_fill(~mask.unsqueeze(-1), 0.0)
         bag_embedding, winners = pooled_input.max(dim=1)  # [B, m], [B, m]
-        bag_logits = _upcast(self.classifier(bag_embedding))
-        instance_logits = _upcast(self.classifier(embeddings))
         # Count, for each instance, the embedding dimensions it wins (no [B, m, n] one-hot on big bags).
         wins = embeddings.new_zeros(embeddings.shape[:2])
         wins = wins.scatter_add(1, winners, torch.ones_like(bag_embedding))
-        attention = wins / winners.shape[1]
-        return MILOutput(bag_logits=bag_logits, instance_logits=instance_logits, attention=attention)
+        return _pooled_output(self.classifier, bag_embedding, embeddings, wins / winners.shape[1])

@@ -36,8 +36,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from wsi_mil import __version__
 from wsi_mil.config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load_config, write_config
 from wsi_mil.errors import ConfigError, OutputConflictError, SlideReadError
+from wsi_mil.runs.prepare import SlideOpener, prepare_slide
 from wsi_mil.runs.slide_loop import BatchSummary, run_batch
-from wsi_mil.runs.tiles import SlideOpener, prepare_slide
 from wsi_mil.slide import Slide, SlideLimits, open_slide, reader_versions
 from wsi_mil.store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
 from wsi_mil.store.bag_file import BagWriter, bag_is_complete

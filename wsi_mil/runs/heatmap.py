@@ -20,9 +20,7 @@ and ``DIR`` gets ``manifest.csv`` (one row per slide, slides without scores incl
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -52,7 +50,6 @@ from wsi_mil.heatmap.render import (
     describe,
     overlay,
     paint_canvas,
-    render_colorbar,
     render_figure,
     resolve_class,
     smooth,
@@ -61,7 +58,7 @@ from wsi_mil.heatmap.render import (
 )
 from wsi_mil.runs.slide_loop import BatchSummary, check_unique_ids, run_batch
 from wsi_mil.slide import Slide, SlideLimits, load_mpp_overrides, open_slide
-from wsi_mil.store import RecordStore, atomic_write_bytes, atomic_write_json, ensure_writable_dir, folder_lock
+from wsi_mil.store import RecordStore, atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from wsi_mil.store.geojson import tile_detections_text, write_geojson
 from wsi_mil.store.heatmap_file import write_heatmap_h5
 from wsi_mil.store.score_file import SlideScores, empty_scores, empty_slides, find_scores, load_scores
@@ -410,44 +407,3 @@ def _write_summary(
         "tiles": tiles,
     }
     atomic_write_json(out_dir / "summary.json", summary)
-
-
-def legend_png(out: Path, summaries: Sequence[dict[str, Any]], cfg_colormap: str) -> Path | None:
-    """``DIR/legend.png``: the colour bar of the page (from the first slide's scale)."""
-    for s in summaries:
-        sc = s.get("score")
-        if not isinstance(sc, dict):
-            continue
-        values = TileValues(
-            np.zeros(0), str(sc["kind"]), str(sc["scale"]), float(sc["vmin"]), float(sc["vmax"]), str(sc["label"]),
-            str(sc["short"]), sc.get("class_name"), tuple(float(t) for t in sc["ticks"]),
-            tuple(str(t) for t in sc["tick_labels"]),
-        )
-        if values.kind == "probability" and len({str(x.get("sort_class")) for x in summaries}) > 1:
-            values = TileValues(values.values, values.kind, values.scale, values.vmin, values.vmax,
-                                "P(predicted class) of each tile", values.short, None, values.ticks,
-                                values.tick_labels)
-        cfg = HeatmapConfig(colormap=cfg_colormap)
-        with folder_lock(out, "legend"):
-            return atomic_write_bytes(out / "legend.png", render_colorbar(values, cfg))
-    return None
-
-
-def read_summaries(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(summaries of rendered slides, records of the others) from a heatmap output folder."""
-    records = RecordStore(out, MANIFEST_COLUMNS).all()
-    done, other = [], []
-    for rec in records:
-        sid = str(rec.get("slide_id", ""))
-        if rec.get("status") == "done":
-            try:
-                s = json.loads((out / sid / "summary.json").read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                other.append({**rec, "status": "failed", "error": "summary.json missing or unreadable"})
-                continue
-            done.append(s)
-        elif rec.get("status") != "locked":
-            other.append(rec)
-    done.sort(key=lambda s: (-float(s.get("sort_probability", 0.0) if math.isfinite(
-        float(s.get("sort_probability", 0.0))) else 0.0), str(s.get("slide_id"))))
-    return done, other

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import time
@@ -47,18 +46,18 @@ from wsi_mil.cohort.labels import read_labels
 from wsi_mil.cohort.metrics import bootstrap_metrics, format_metrics_table
 from wsi_mil.config.train import PredictConfig, resolve_device
 from wsi_mil.errors import CheckpointError, InputError
-from wsi_mil.store import atomic_path, atomic_write_json, atomic_write_text, ensure_writable_dir
-from wsi_mil.store.bag_file import h5_open
+from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
 from wsi_mil.store.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
+from wsi_mil.store.score_file import write_scores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PredictResult", "SlideScores", "predict_bag", "run_predict", "write_scores"]
+__all__ = ["BagReadout", "PredictResult", "predict_bag", "run_predict"]
 
 
 @dataclass
-class SlideScores:
-    """Averaged read-outs of one slide."""
+class BagReadout:
+    """Read-outs of one bag averaged over the checkpoints (written as a score file by :func:`run_predict`)."""
 
     bag_probabilities: np.ndarray  # [K] float64
     attention: np.ndarray  # [N] float32
@@ -103,7 +102,7 @@ def _consistent(checkpoints: Sequence[Checkpoint]) -> None:
             )
 
 
-def predict_bag(models: Sequence[torch.nn.Module], features: torch.Tensor) -> SlideScores:
+def predict_bag(models: Sequence[torch.nn.Module], features: torch.Tensor) -> BagReadout:
     """Average bag probabilities, attention and tile probabilities of ``models`` on one bag ``[n, d]``."""
     bag = None
     attention = None
@@ -122,36 +121,11 @@ def predict_bag(models: Sequence[torch.nn.Module], features: torch.Tensor) -> Sl
             instances = inst if instances is None else instances + inst
     assert bag is not None and attention is not None and instances is not None
     n = len(models)
-    return SlideScores(
+    return BagReadout(
         bag_probabilities=(bag / n).cpu().numpy(),
         attention=(attention / n).float().cpu().numpy(),
         instance_probabilities=(instances / n).float().cpu().numpy(),
     )
-
-
-def write_scores(
-    path: Path,
-    coords: np.ndarray,
-    scores: SlideScores,
-    attrs: dict[str, Any],
-) -> Path:
-    """Write a scores file atomically (temp file in the same folder, then ``os.replace``)."""
-    with atomic_path(path, suffix=".h5") as tmp:
-        with h5_open(tmp, "w") as f:
-            f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(-1, 2))
-            f.create_dataset("attention", data=scores.attention.astype(np.float32))
-            f.create_dataset("instance_probabilities", data=scores.instance_probabilities.astype(np.float32))
-            for key, value in attrs.items():
-                f.attrs[key] = value
-    return path
-
-
-def _num(value: float | None) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def _int(value: int | None) -> int:
-    return -1 if value is None else int(value)
 
 
 def run_predict(
@@ -232,24 +206,25 @@ def run_predict(
             coords = read_coords(source, info.n_tiles)
             predicted = classes[int(np.argmax(scores.bag_probabilities))]
             label = label_of.get(source.slide_id, "")
-            attrs = {
-                "slide_id": source.slide_id,
-                "class_names": json.dumps(classes),
-                "bag_probabilities": json.dumps([float(v) for v in scores.bag_probabilities]),
-                "predicted_class": predicted,
-                "label": label,
-                "model": model_name,
-                "model_name": model_name,
-                "n_checkpoints": len(models),
-                "tile_px": _int(info.spec.tile_px),
-                "mpp": _num(info.spec.mpp),
-                "footprint_px": _int(info.footprint_px),
-                "slide_mpp": _num(info.slide_mpp),
-                "encoder_name": info.spec.encoder_name or "",
-                "source_feature_file": str(source.path),
-                "wsi_mil_version": __version__,
-            }
-            write_scores(out / "scores" / f"{source.slide_id}.h5", coords, scores, attrs)
+            write_scores(
+                out / "scores" / f"{source.slide_id}.h5",
+                slide_id=source.slide_id,
+                coords=coords,
+                attention=scores.attention,
+                instance_probabilities=scores.instance_probabilities,
+                class_names=classes,
+                bag_probabilities=scores.bag_probabilities,
+                predicted_class=predicted,
+                label=label,
+                model=model_name,
+                n_checkpoints=len(models),
+                tile_px=info.spec.tile_px,
+                mpp=info.spec.mpp,
+                footprint_px=info.footprint_px,
+                slide_mpp=info.slide_mpp,
+                encoder_name=info.spec.encoder_name or "",
+                source_feature_file=str(source.path),
+            )
             rows.append(
                 {
                     "slide_id": source.slide_id,

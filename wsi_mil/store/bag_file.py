@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.errors import BagFileError, OutputError
-from wsi_mil.store import HDF5_LOCK_HINT, as_output_error, is_disk_error, is_lock_error, temp_name
+from wsi_mil.store.atomic import as_output_error, is_disk_error, temp_name
+from wsi_mil.store.hdf5 import decode_attr, encode_attr, h5_open
 
 logger = logging.getLogger(__name__)
 
@@ -28,26 +28,6 @@ FEATURES = "features"
 COORDS = "coords"
 
 
-def h5_open(path: str | os.PathLike[str] | _GuardedFile, mode: str = "r", **kwargs: Any) -> Any:
-    """``h5py.File`` with lock failures turned into an error that says what to do (R27)."""
-    import h5py
-
-    try:
-        return h5py.File(path, mode, **kwargs)
-    except OSError as exc:
-        if is_lock_error(exc):
-            raise OutputError(f"{path}: {HDF5_LOCK_HINT} ({exc})") from exc
-        raise
-
-
-def _attr_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, Mapping | list | tuple) and not isinstance(value, str):
-        return json.dumps(value, default=str)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 class _GuardedFile:
@@ -265,7 +245,7 @@ class BagWriter:
             if "footprint_px" in self.attrs:
                 f[COORDS].attrs["patch_size"] = int(self.attrs["footprint_px"])
             for key, value in self.attrs.items():
-                f.attrs[key] = _attr_value(value)
+                f.attrs[key] = encode_attr(value)
             f.attrs["n_tiles"] = self.n
             f.attrs["feature_dim"] = self.feature_dim
             f.attrs["complete"] = True
@@ -306,7 +286,7 @@ def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         with h5_open(p) as f:
-            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
             if FEATURES not in f or COORDS not in f:
                 raise BagFileError(f"{p}: not a feature bag (needs datasets '{FEATURES}' and '{COORDS}').")
             attrs["_n_features"] = int(f[FEATURES].shape[0])
@@ -320,13 +300,6 @@ def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BagFileError(f"{p}: unreadable or partial HDF5 file ({type(exc).__name__}: {exc}).") from exc
     return attrs
 
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def bag_is_complete(

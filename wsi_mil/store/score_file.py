@@ -8,7 +8,9 @@ Layout (one file per slide):
   ``label`` ("" when unknown), ``model``, ``n_checkpoints``, ``tile_px``, ``mpp`` (tile µm/px),
   ``footprint_px`` (level-0 tile side), ``slide_mpp``, ``encoder_name``, ``source_feature_file``.
 
-:func:`write_scores` writes the same layout (used by tests and benchmarks).
+:func:`write_scores` is the one writer (``wsi-mil predict``, tests, benchmarks) and :func:`load_scores` the
+one validating reader (``wsi-mil heatmap``, benchmarks); ``model_name`` (= ``model``) and
+``wsi_mil_version`` are also stored. Files written before ``wsi_mil_version`` existed read the same.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.errors import BagFileError
-from wsi_mil.store import as_output_error, atomic_path
+from wsi_mil.store.atomic import as_output_error, atomic_path
+from wsi_mil.store.hdf5 import h5_open, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +97,6 @@ def _json_list(value: Any, what: str, where: str) -> list[Any]:
         raise BagFileError(f"{where}: attribute {what} must be a JSON list, got {type(out).__name__}.")
     return out
 
-
-def _positive(value: Any) -> float | None:
-    """A finite number > 0, or ``None`` (missing, -1, NaN)."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and f > 0 else None
 
 
 def empty_scores(slide_id: str, class_names: tuple[str, ...], model: str = "") -> SlideScores:
@@ -197,10 +193,10 @@ def load_scores(path: str | os.PathLike[str]) -> SlideScores:
             "Heatmaps need tile positions; extract features with `wsi-mil extract` (or a layout with coords)."
         )
     # predict writes unknown numbers as -1 / NaN (features from other tools may lack the tile spec).
-    slide_mpp = _positive(attrs.get("slide_mpp"))
-    tile_mpp = _positive(attrs.get("mpp"))
-    tile_px = _positive(attrs.get("tile_px"))
-    footprint = _positive(attrs.get("footprint_px"))
+    slide_mpp = positive_float(attrs.get("slide_mpp"))
+    tile_mpp = positive_float(attrs.get("mpp"))
+    tile_px = positive_float(attrs.get("tile_px"))
+    footprint = positive_float(attrs.get("footprint_px"))
     if footprint is None and tile_px is not None and tile_mpp is not None and slide_mpp is not None:
         footprint = tile_px * tile_mpp / slide_mpp
     if footprint is None or tile_px is None or tile_mpp is None:
@@ -229,6 +225,14 @@ def load_scores(path: str | os.PathLike[str]) -> SlideScores:
     )
 
 
+def _number_or_unknown(value: float | None, unknown: float) -> float | int:
+    """A number as stored: ``unknown`` (-1 or NaN) for ``None``; integral values as ``int``."""
+    if value is None:
+        return unknown
+    f = float(value)
+    return int(f) if f.is_integer() else f
+
+
 def write_scores(
     path: str | os.PathLike[str],
     *,
@@ -236,12 +240,12 @@ def write_scores(
     coords: np.ndarray,
     attention: np.ndarray,
     instance_probabilities: np.ndarray,
-    class_names: list[str],
-    bag_probabilities: list[float],
-    tile_px: int,
-    mpp: float,
-    footprint_px: float,
-    slide_mpp: float,
+    class_names: Sequence[str],
+    bag_probabilities: Sequence[float] | np.ndarray,
+    tile_px: int | None,
+    mpp: float | None,
+    footprint_px: float | None,
+    slide_mpp: float | None,
     predicted_class: str | None = None,
     label: str = "",
     model: str = "loss_attention",
@@ -249,37 +253,43 @@ def write_scores(
     encoder_name: str = "",
     source_feature_file: str = "",
 ) -> Path:
-    """Write a score file in the ``wsi-mil predict`` layout (atomically)."""
-    import h5py
+    """Write one slide's score file (the layout above) atomically; the one writer of this format.
+
+    Unknown numbers (features from other tools may lack the tile spec) are written as -1 (``tile_px``,
+    ``footprint_px``) or NaN (``mpp``, ``slide_mpp``).
+    """
+    from wsi_mil import __version__
 
     dest = Path(path)
     if predicted_class is None:
         predicted_class = class_names[int(np.argmax(bag_probabilities))]
+    attrs = {
+        "slide_id": slide_id,
+        "class_names": json.dumps(list(class_names)),
+        "bag_probabilities": json.dumps([float(v) for v in bag_probabilities]),
+        "predicted_class": predicted_class,
+        "label": label,
+        "model": model,
+        "model_name": model,
+        "n_checkpoints": int(n_checkpoints),
+        "tile_px": -1 if tile_px is None else int(tile_px),
+        "mpp": math.nan if mpp is None else float(mpp),
+        "footprint_px": _number_or_unknown(footprint_px, -1),
+        "slide_mpp": math.nan if slide_mpp is None else float(slide_mpp),
+        "encoder_name": encoder_name,
+        "source_feature_file": source_feature_file,
+        "wsi_mil_version": __version__,
+    }
     try:
-        with atomic_path(dest) as tmp, h5py.File(tmp, "w") as fh:
+        with atomic_path(dest, suffix=".h5") as tmp, h5_open(tmp, "w") as fh:
             fh.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
             fh.create_dataset("attention", data=np.asarray(attention, np.float32))
             fh.create_dataset(
                 "instance_probabilities",
                 data=np.asarray(instance_probabilities, np.float32).reshape(-1, len(class_names)),
             )
-            fh.attrs.update(
-                {
-                    "slide_id": slide_id,
-                    "class_names": json.dumps(list(class_names)),
-                    "bag_probabilities": json.dumps([float(v) for v in bag_probabilities]),
-                    "predicted_class": predicted_class,
-                    "label": label,
-                    "model": model,
-                    "n_checkpoints": int(n_checkpoints),
-                    "tile_px": int(tile_px),
-                    "mpp": float(mpp),
-                    "footprint_px": float(footprint_px),
-                    "slide_mpp": float(slide_mpp),
-                    "encoder_name": encoder_name,
-                    "source_feature_file": source_feature_file,
-                }
-            )
+            for key, value in attrs.items():
+                fh.attrs[key] = value
     except OSError as exc:
         raise as_output_error(exc, dest.parent) from exc
     return dest

@@ -1,0 +1,82 @@
+"""HDF5 helpers shared by every file format in :mod:`wsi_mil.store`: opening and attribute values.
+
+* :func:`h5_open` turns a refused file lock into an error that says what to do (R27);
+* :func:`encode_attr` / :func:`decode_attr` map Python values to HDF5 attributes and back (mappings and
+  sequences as JSON text, paths as text, ``bytes`` and numpy scalars to ``str`` and Python numbers);
+* :func:`text_or_none`, :func:`positive_float`, :func:`positive_int` read optional attributes whose
+  "unknown" is written as ``""``, ``-1`` or NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import OutputError
+from wsi_mil.store.atomic import HDF5_LOCK_HINT, is_lock_error
+
+
+def h5_open(path: Any, mode: str = "r", **kwargs: Any) -> Any:
+    """``h5py.File`` (on a path or a file object) with lock failures turned into an error that says
+    what to do (R27)."""
+    import h5py
+
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as exc:
+        if is_lock_error(exc):
+            raise OutputError(f"{path}: {HDF5_LOCK_HINT} ({exc})") from exc
+        raise
+
+
+def encode_attr(value: Any, *, none: str = "") -> Any:
+    """An HDF5-storable attribute: ``None`` as ``none``, mappings/lists/tuples as JSON, paths as text."""
+    if value is None:
+        return none
+    if isinstance(value, Mapping | list | tuple) and not isinstance(value, str):
+        return json.dumps(value, default=str)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def decode_attr(value: Any) -> Any:
+    """A stored attribute as a plain Python value (text, number, bool or list)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def text_or_none(value: Any) -> str | None:
+    """Non-empty text, or ``None`` for a missing or empty attribute."""
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return text or None
+
+
+def positive_float(value: Any) -> float | None:
+    """A finite number > 0, or ``None`` (missing, -1, NaN, not a number)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) and out > 0 else None
+
+
+def positive_int(value: Any) -> int | None:
+    """An integer > 0, or ``None`` (missing, -1, not a number)."""
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out > 0 else None
