@@ -445,8 +445,8 @@ def test_cli_features_and_checkpoint_runs_predict_then_renders(tmp_path: Path) -
     from _train_data import ENCODER, WEIGHTS_SHA, bag_attrs, write_bag
 
     from wsi_mil import __version__
-    from wsi_mil.cohort.datasets import FeatureSpec
     from wsi_mil.mil import create_model
+    from wsi_mil.store.bag_file import FeatureSpec
     from wsi_mil.store.checkpoint import save_checkpoint
 
     spec = FeatureSpec(ENCODER, 16, 0.5, 224, WEIGHTS_SHA, __version__)

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from wsi_mil.cli.train import predict
-from wsi_mil.cohort.datasets import FeatureSpec
 from wsi_mil.config.train import TrainConfig
 from wsi_mil.errors import FeatureSpecMismatchError
 from wsi_mil.mil import create_model
 from wsi_mil.runs.predict import predict_bag, run_predict
 from wsi_mil.runs.train import run_train
+from wsi_mil.store.bag_file import FeatureSpec
 from wsi_mil.store.checkpoint import load_checkpoint, save_checkpoint
 
 

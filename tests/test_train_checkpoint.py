@@ -8,9 +8,10 @@ import pathlib
 import pytest
 import torch
 
-from wsi_mil.cohort.datasets import BagSource, FeatureSpec, inspect_bag
+from wsi_mil.cohort.datasets import BagSource, inspect_bag
 from wsi_mil.errors import BagFileError, CheckpointError
 from wsi_mil.mil import create_model
+from wsi_mil.store.bag_file import FeatureSpec
 from wsi_mil.store.checkpoint import load_checkpoint, resolve_checkpoints, save_checkpoint
 
 SPEC = FeatureSpec("enc", 12, 0.5, 224, "cd" * 32, "0.1.0")

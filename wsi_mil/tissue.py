@@ -21,6 +21,9 @@ read budget). Steps, all sized in microns so that results do not depend on the s
 
 Nothing found is a legitimate outcome (``TissueResult.is_empty``); callers that need tissue use
 :meth:`TissueResult.require_tissue`, which raises :class:`~wsi_mil.errors.NoTissueError`.
+
+One module because detection, the polygons and their exports (GeoJSON, QC picture) share
+:class:`TissueResult` and its level-0 geometry; split, each part would import the others.
 """
 
 from __future__ import annotations

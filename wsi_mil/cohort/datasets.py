@@ -22,6 +22,10 @@ The slide id is the file name without its extension. Hidden and temp files (``.t
 :class:`LazyBagDataset` never holds more than the bag of the current step: each ``__getitem__`` opens
 the file, reads the ``features`` dataset of that one bag (or ``max_instances`` sorted random rows of
 it, block by block) and closes it.
+
+One module because discovery, the readers of the four layouts and the lazy dataset share
+:class:`BagSource`/:class:`BagInfo` and the feature-spec checks; the wsi-mil bag format itself is
+defined in :mod:`wsi_mil.store.bag_file`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 
 from wsi_mil.errors import BagFileError, FeatureSpecMismatchError, InputError
 from wsi_mil.mil.data import Bag
+from wsi_mil.store.bag_file import FeatureSpec
 from wsi_mil.store.hdf5 import decode_attr, h5_open, positive_float, positive_int, text_or_none
 
 logger = logging.getLogger(__name__)
@@ -62,35 +67,6 @@ FEATURES = "features"
 COORDS = "coords"
 _READ_BLOCK_ROWS = 8192
 _MPP_REL_TOL = 0.02
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What features must share with a checkpoint (R24). ``None``: unknown (foreign layouts)."""
-
-    encoder_name: str | None
-    feature_dim: int
-    mpp: float | None
-    tile_px: int | None
-    weights_sha256: str | None = None
-    wsi_mil_version: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> FeatureSpec:
-        return cls(
-            encoder_name=text_or_none(data.get("encoder_name")),
-            feature_dim=int(data["feature_dim"]),
-            mpp=positive_float(data.get("mpp")),
-            tile_px=positive_int(data.get("tile_px")),
-            weights_sha256=text_or_none(data.get("weights_sha256")),
-            wsi_mil_version=text_or_none(data.get("wsi_mil_version")),
-        )
-
-
-
 
 
 @dataclass(frozen=True)

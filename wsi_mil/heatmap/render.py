@@ -18,6 +18,9 @@ Scores (see :func:`tile_values`):
 * ``attention`` / ``fixed``: ``log2(n·α)`` clipped to ``±attention_log2_max``; 0 is uniform attention
   (α = 1/n), +4 is 16x the uniform share. The same scale on every slide, so slides can be compared.
 * ``probability``: the tile's own probability of one class from the shared classifier, 0 to 1.
+
+One module because the canvas geometry, the colour scales and the figure are one drawing
+pipeline that shares :class:`CanvasGeometry` and :class:`TileValues`.
 """
 
 from __future__ import annotations

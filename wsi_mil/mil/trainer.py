@@ -17,6 +17,9 @@ Mini-batches: with ``batch_size = B > 1`` bags are zero-padded to the longest ba
 padded instances get attention 0 and add nothing to any loss term, so the batch loss and its gradient
 equal the **mean over the B bags** of the single-bag losses and gradients (tested). One optimiser step
 is taken per batch, so ``batch_size = B`` follows the paper's one-bag-per-step schedule only for B = 1.
+
+One module because the fit loop, its callbacks, early stopping and prediction share the
+trainer's state (model, optimiser, temporal ensemble); models and losses are separate modules.
 """
 
 from __future__ import annotations

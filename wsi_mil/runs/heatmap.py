@@ -5,9 +5,7 @@ features are never re-extracted. Slides are matched to score files by slide id (
 Per slide, ``DIR/<slide_id>/`` receives:
 
 * ``heatmap.png``     the figure: caption, thumbnail | overlay, colour bar with its meaning;
-* ``heatmap.h5``      ``heatmap`` (float32 canvas, NaN where unscored), ``tile_count``, ``tissue``,
-                      ``coords``, ``scores`` (painted value per tile), ``attention``,
-                      ``instance_probabilities``; attributes ``canvas_mpp``, ``downsample`` and the scale;
+* ``heatmap.h5``      the canvas and per-tile arrays (schema: :mod:`wsi_mil.store.heatmap_file`);
 * ``thumbnail.jpg``, ``overlay.jpg``  page-sized images for the review page;
 * ``top_tiles/``, ``bottom_tiles/``, ``top_tiles.csv``, ``bottom_tiles.csv``, ``top_tiles.png``,
   ``bottom_tiles.png``  the k highest / lowest tiles at the model's µm/px, their index and contact sheets;
@@ -16,6 +14,9 @@ Per slide, ``DIR/<slide_id>/`` receives:
 
 and ``DIR`` gets ``manifest.csv`` (one row per slide, slides without scores included), ``config.yaml``,
 ``legend.png`` and ``index.html``. A slide whose scores hold no tiles gets a figure saying "no tiles".
+
+One module because the batch loop and the per-slide rendering share the slide's canvas geometry,
+scores and record; drawing lives in :mod:`wsi_mil.heatmap`, the file formats in :mod:`wsi_mil.store`.
 """
 
 from __future__ import annotations

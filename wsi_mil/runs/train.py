@@ -12,6 +12,9 @@ Outputs in the run folder ``RUN``::
 
 Selection is honest: the best epoch of a fold is chosen on its validation part only; its test part is
 predicted once, by the restored best model.
+
+One module because the cross-validation run, its per-fold resume state and its result tables
+share one fold context; the model, objective and training loop live in :mod:`wsi_mil.mil`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import IO, Any
 import numpy as np
 
 from wsi_mil import __version__
-from wsi_mil.cohort.datasets import FeatureSpec, LazyBagDataset, cohort_spec, discover_features, scan_bags
+from wsi_mil.cohort.datasets import LazyBagDataset, cohort_spec, discover_features, scan_bags
 from wsi_mil.cohort.labels import LabelTable, read_labels
 from wsi_mil.cohort.metrics import METRIC_NAMES, bootstrap_metrics, format_metrics_table
 from wsi_mil.cohort.splits import FoldSplit, make_splits, read_splits, write_splits
@@ -40,6 +43,7 @@ from wsi_mil.config.train import TrainConfig, resolve_device
 from wsi_mil.errors import ConfigError, InputError, OutputConflictError
 from wsi_mil.mil import Trainer, TrainerCallback, TrainerConfig, create_model, list_models, seed_everything
 from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
+from wsi_mil.store.bag_file import FeatureSpec
 from wsi_mil.store.checkpoint import save_checkpoint
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError, OutputError
 from wsi_mil.store.atomic import as_output_error, is_disk_error, temp_name
-from wsi_mil.store.hdf5 import decode_attr, encode_attr, h5_open
+from wsi_mil.store.hdf5 import decode_attr, encode_attr, h5_open, positive_float, positive_int, text_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,32 @@ FEATURES = "features"
 COORDS = "coords"
 
 
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What features must share with a checkpoint (R24). ``None``: unknown (foreign layouts)."""
+
+    encoder_name: str | None
+    feature_dim: int
+    mpp: float | None
+    tile_px: int | None
+    weights_sha256: str | None = None
+    wsi_mil_version: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeatureSpec:
+        return cls(
+            encoder_name=text_or_none(data.get("encoder_name")),
+            feature_dim=int(data["feature_dim"]),
+            mpp=positive_float(data.get("mpp")),
+            tile_px=positive_int(data.get("tile_px")),
+            weights_sha256=text_or_none(data.get("weights_sha256")),
+            wsi_mil_version=text_or_none(data.get("wsi_mil_version")),
+        )
 
 
 class _GuardedFile:
@@ -176,7 +203,7 @@ class BagWriter:
             raise converted from exc
 
     def __enter__(self) -> BagWriter:
-        try:
+        with self._discard_on_error():
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             if self.expected_rows is not None:
                 self._check_room(self.expected_rows)
@@ -194,14 +221,6 @@ class BagWriter:
             f.create_dataset(COORDS, shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(self.chunk_rows, 2))
             f.attrs["complete"] = False
             self._raise_io_error()
-        except OSError as exc:
-            self._discard()
-            if is_disk_error(exc):
-                raise as_output_error(exc, self.dest.parent) from exc
-            raise
-        except BaseException:
-            self._discard()
-            raise
         return self
 
     def append(self, features: np.ndarray, coords: np.ndarray) -> None:
@@ -239,7 +258,7 @@ class BagWriter:
         if exc_type is not None:
             self._discard()
             return
-        try:
+        with self._discard_on_error():
             f = self._file
             f[COORDS].attrs["patch_level"] = 0  # CLAM's readers look for these
             if "footprint_px" in self.attrs:
@@ -257,10 +276,16 @@ class BagWriter:
             self._io.close()
             self._io = None
             os.replace(self.tmp, self.dest)
-        except OSError as err:
+
+    @contextlib.contextmanager
+    def _discard_on_error(self) -> Iterator[None]:
+        """Remove the temp file on any error; disk errors become an :class:`OutputError` naming the folder."""
+        try:
+            yield
+        except OSError as exc:
             self._discard()
-            if is_disk_error(err):
-                raise as_output_error(err, self.dest.parent) from err
+            if is_disk_error(exc):
+                raise as_output_error(exc, self.dest.parent) from exc
             raise
         except BaseException:
             self._discard()

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from wsi_mil import __version__
-from wsi_mil.cohort.datasets import FeatureSpec
 from wsi_mil.errors import CheckpointError, ConfigError
 from wsi_mil.mil.models import MILModel, create_model
 from wsi_mil.store import atomic_path, atomic_write_json
+from wsi_mil.store.bag_file import FeatureSpec
 
 logger = logging.getLogger(__name__)
 

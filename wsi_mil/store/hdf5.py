@@ -1,6 +1,7 @@
 """HDF5 helpers shared by every file format in :mod:`wsi_mil.store`: opening and attribute values.
 
 * :func:`h5_open` turns a refused file lock into an error that says what to do (R27);
+  :func:`open_for_reading` turns a file that is not HDF5 into a :class:`BagFileError` with a remedy;
 * :func:`encode_attr` / :func:`decode_attr` map Python values to HDF5 attributes and back (mappings and
   sequences as JSON text, paths as text, ``bytes`` and numpy scalars to ``str`` and Python numbers);
 * :func:`text_or_none`, :func:`positive_float`, :func:`positive_int` read optional attributes whose
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from wsi_mil.errors import OutputError
+from wsi_mil.errors import BagFileError, OutputError
 from wsi_mil.store.atomic import HDF5_LOCK_HINT, is_lock_error
 
 
@@ -32,6 +33,17 @@ def h5_open(path: Any, mode: str = "r", **kwargs: Any) -> Any:
         if is_lock_error(exc):
             raise OutputError(f"{path}: {HDF5_LOCK_HINT} ({exc})") from exc
         raise
+
+
+def open_for_reading(path: Path, where: str, remedy: str) -> Any:
+    """An ``h5py.File`` open for reading; :class:`BagFileError` ``"<where> cannot be read as HDF5 (...).
+    <remedy>"`` when it is not one."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise BagFileError(f"{where} cannot be read as HDF5 ({exc}). {remedy}") from exc
 
 
 def encode_attr(value: Any, *, none: str = "") -> Any:

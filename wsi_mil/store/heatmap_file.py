@@ -26,6 +26,7 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError
 from wsi_mil.store.atomic import as_output_error, atomic_path
+from wsi_mil.store.hdf5 import open_for_reading
 
 REQUIRED_DATASETS = ("heatmap", "tile_count", "coords", "scores", "attention", "instance_probabilities")
 
@@ -80,14 +81,8 @@ class HeatmapArrays:
 
 def read_heatmap_h5(path: str | os.PathLike[str]) -> HeatmapArrays:
     """Read and check a ``heatmap.h5`` file; :class:`BagFileError` naming the file when it is inconsistent."""
-    import h5py
-
     p = Path(path)
-    try:
-        fh = h5py.File(p, "r")
-    except OSError as exc:
-        raise BagFileError(f"{p} cannot be read as HDF5 ({exc}). Run `wsi-mil heatmap` again.") from exc
-    with fh:
+    with open_for_reading(p, str(p), "Run `wsi-mil heatmap` again.") as fh:
         missing = [d for d in REQUIRED_DATASETS if d not in fh]
         if missing:
             raise BagFileError(f"{p} lacks {', '.join(missing)}: it was not written by `wsi-mil heatmap`.")

@@ -28,7 +28,7 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError
 from wsi_mil.store.atomic import as_output_error, atomic_path
-from wsi_mil.store.hdf5 import h5_open, positive_float
+from wsi_mil.store.hdf5 import h5_open, open_for_reading, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +140,9 @@ def find_scores(predict_out: str | os.PathLike[str]) -> dict[str, Path]:
 
 def load_scores(path: str | os.PathLike[str]) -> SlideScores:
     """Read and check one score file; raise :class:`BagFileError` naming the slide when it is inconsistent."""
-    import h5py
-
     p = Path(path)
     where = f"Scores of slide '{p.stem}' ({p})"
-    try:
-        fh = h5py.File(p, "r")
-    except OSError as exc:
-        raise BagFileError(f"{where} cannot be read as HDF5 ({exc}). Run `wsi-mil predict` again for this slide.") from exc
-    with fh:
+    with open_for_reading(p, where, "Run `wsi-mil predict` again for this slide.") as fh:
         missing = [d for d in REQUIRED_DATASETS if d not in fh]
         missing_attrs = [a for a in REQUIRED_ATTRS if a not in fh.attrs]
         if missing or missing_attrs:
