@@ -10,7 +10,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from wsi_mil.demo.cohort import write_broken_slides
+from wsi_mil.demo.broken import write_broken_slides
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:

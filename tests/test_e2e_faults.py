@@ -21,7 +21,7 @@ import pytest
 import yaml
 from extract_helpers import FAST_ARGS, fast_config, manifest, start_cli, temp_files, wait_for, write_slide
 
-from wsi_mil.demo.cohort import write_broken_slides
+from wsi_mil.demo.broken import write_broken_slides
 from wsi_mil.runs.pipeline import load_pipeline_config, run_pipeline
 from wsi_mil.store.bag_file import bag_is_complete
 

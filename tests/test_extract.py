@@ -556,7 +556,7 @@ def test_row_reads_equal_tile_reads(make_slide, slide_mpp: float, overlap: bool)
 def test_corrupt_tile_met_by_tissue_detection_fails_naming_it_or_is_skipped_on_request(tmp_path: Path) -> None:
     """R4 for the sample cohort's broken slide, whose corrupt tile is met already by the whole-level
     tissue/QC reads: by default the slide fails naming the tile; with skip_unreadable_tiles it is done."""
-    from wsi_mil.demo.cohort import write_broken_slides
+    from wsi_mil.demo.broken import write_broken_slides
 
     bad = write_broken_slides(tmp_path / "broken")["corrupt_tile"]
     summary = run_extract([bad], tmp_path / "strict", fast_config(), progress=False)

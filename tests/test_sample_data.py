@@ -13,13 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from wsi_mil.demo.cohort import (
-    BROKEN_SLIDES,
-    CohortInfo,
-    SampleSlide,
-    build_sample_cohort,
-    write_broken_slides,
-)
+from wsi_mil.demo.broken import BROKEN_SLIDES, write_broken_slides
+from wsi_mil.demo.cohort import CohortInfo, SampleSlide, build_sample_cohort
 from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, WsiMilError
 from wsi_mil.slide import Backend, open_slide
 

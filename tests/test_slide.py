@@ -175,7 +175,7 @@ def test_r4_prepare_slide_fails_naming_the_tile_or_skips_on_request(tmp_path):
     import json
 
     from wsi_mil.config import TilingConfig, TissueConfig
-    from wsi_mil.demo.cohort import write_broken_slides
+    from wsi_mil.demo.broken import write_broken_slides
     from wsi_mil.runs.prepare import prepare_slide
 
     paths = write_broken_slides(tmp_path / "zoo")
