@@ -118,3 +118,33 @@ def test_errors_are_recognised_from_their_errno_or_their_text(tmp_path: Path) ->
     msg = str(as_output_error(H5_NOLOCK, tmp_path))
     assert HDF5_LOCK_HINT in msg and "HDF5_USE_FILE_LOCKING=FALSE" in msg
     assert "permissions" in str(as_output_error(OSError(errno.EACCES, "Permission denied"), tmp_path))
+
+
+def test_readers_say_which_version_wrote_a_file_they_cannot_read(tmp_path):
+    import h5py
+    import numpy as np
+
+    from wsi_mil.errors import BagFileError
+    from wsi_mil.store.bag_file import read_bag_attrs
+    from wsi_mil.store.coords_file import COORDS_FORMAT_VERSION, read_coords_h5
+    from wsi_mil.store.heatmap_file import read_heatmap_h5
+    from wsi_mil.store.score_file import load_scores
+
+    newer = tmp_path / "coords.h5"
+    with h5py.File(newer, "w") as fh:
+        fh.create_dataset("coords", data=np.zeros((1, 2), np.int64))
+        fh.attrs.update({"complete": True, "format_version": COORDS_FORMAT_VERSION + 1})
+    with pytest.raises(BagFileError, match=f"format {COORDS_FORMAT_VERSION + 1}, written by a newer wsi-mil"):
+        read_coords_h5(newer)
+    for name, read in (("scores.h5", load_scores), ("heatmap.h5", read_heatmap_h5), ("bag.h5", read_bag_attrs)):
+        old = tmp_path / name
+        with h5py.File(old, "w") as fh:
+            fh.create_dataset("something_else", data=np.zeros(3))
+            fh.attrs["wsi_mil_version"] = "0.0.9"
+        with pytest.raises(BagFileError, match=r"written by wsi-mil 0\.0\.9; this is wsi-mil"):
+            read(old)
+        foreign = tmp_path / f"foreign_{name}"
+        with h5py.File(foreign, "w") as fh:
+            fh.create_dataset("something_else", data=np.zeros(3))
+        with pytest.raises(BagFileError, match="no wsi-mil version recorded"):
+            read(foreign)

@@ -21,7 +21,15 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError, OutputError
 from wsi_mil.store.atomic import as_output_error, is_disk_error, temp_name
-from wsi_mil.store.hdf5 import decode_attr, encode_attr, h5_open, positive_float, positive_int, text_or_none
+from wsi_mil.store.hdf5 import (
+    decode_attr,
+    encode_attr,
+    h5_open,
+    positive_float,
+    positive_int,
+    text_or_none,
+    written_by,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +321,9 @@ def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
         with h5_open(p) as f:
             attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
             if FEATURES not in f or COORDS not in f:
-                raise BagFileError(f"{p}: not a feature bag (needs datasets '{FEATURES}' and '{COORDS}').")
+                raise BagFileError(
+                    f"{p}: not a feature bag (needs datasets '{FEATURES}' and '{COORDS}'; {written_by(attrs)})."
+                )
             attrs["_n_features"] = int(f[FEATURES].shape[0])
             attrs["_n_coords"] = int(f[COORDS].shape[0])
             attrs["_feature_dim"] = int(f[FEATURES].shape[1]) if f[FEATURES].ndim == 2 else -1

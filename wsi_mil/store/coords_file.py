@@ -19,7 +19,7 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError
 from wsi_mil.store.atomic import as_output_error, atomic_path
-from wsi_mil.store.hdf5 import decode_attr, encode_attr
+from wsi_mil.store.hdf5 import decode_attr, encode_attr, written_by
 
 #: Version of the coords HDF5 layout, stored as the ``format_version`` attribute.
 COORDS_FORMAT_VERSION = 1
@@ -151,8 +151,14 @@ def read_coords_h5(path: str | os.PathLike[str]) -> CoordsFile:
             attrs = {str(k): decode_attr(v) for k, v in h5.attrs.items()}
             if not attrs.get("complete", False):
                 raise BagFileError(f"{p} is incomplete (no complete=True attribute): it will be recomputed.")
+            version = attrs.get("format_version", COORDS_FORMAT_VERSION)
+            if isinstance(version, int) and version > COORDS_FORMAT_VERSION:
+                raise BagFileError(
+                    f"{p} is a coords file of format {version}, written by a newer wsi-mil; this version reads "
+                    f"format {COORDS_FORMAT_VERSION}. Upgrade wsi-mil, or run `wsi-mil tiles` again."
+                )
             if "coords" not in h5:
-                raise BagFileError(f"{p} has no 'coords' dataset: not a wsi-mil coords file.")
+                raise BagFileError(f"{p} has no 'coords' dataset: not a wsi-mil coords file ({written_by(attrs)}).")
             coords = np.asarray(h5["coords"][...], dtype=np.int64).reshape(-1, 2)
             fraction = (
                 np.asarray(h5["tissue_fraction"][...], np.float32)
@@ -169,7 +175,7 @@ def read_coords_h5(path: str | os.PathLike[str]) -> CoordsFile:
         if k not in attrs
     ]
     if missing:
-        raise BagFileError(f"{p} lacks the attributes {missing}: not a wsi-mil coords file.")
+        raise BagFileError(f"{p} lacks the attributes {missing}: not a wsi-mil coords file ({written_by(attrs)}).")
     tile_px, mpp, slide_mpp = int(attrs["tile_px"]), float(attrs["mpp"]), float(attrs["slide_mpp"])
     if len(fraction) != len(coords):
         raise BagFileError(f"{p}: {len(coords)} coords but {len(fraction)} tissue fractions.")

@@ -46,6 +46,17 @@ def open_for_reading(path: Path, where: str, remedy: str) -> Any:
         raise BagFileError(f"{where} cannot be read as HDF5 ({exc}). {remedy}") from exc
 
 
+def written_by(attrs: Mapping[str, Any]) -> str:
+    """Which wsi-mil wrote a file (from its ``wsi_mil_version`` attribute), for messages about files
+    that do not read as expected."""
+    from wsi_mil import __version__
+
+    version = decode_attr(attrs.get("wsi_mil_version", ""))
+    if version:
+        return f"written by wsi-mil {version}; this is wsi-mil {__version__}"
+    return "no wsi-mil version recorded: written by another tool, or by wsi-mil before 0.1.0"
+
+
 def encode_attr(value: Any, *, none: str = "") -> Any:
     """An HDF5-storable attribute: ``None`` as ``none``, mappings/lists/tuples as JSON, paths as text."""
     if value is None:

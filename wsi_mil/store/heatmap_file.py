@@ -26,7 +26,7 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError
 from wsi_mil.store.atomic import as_output_error, atomic_path
-from wsi_mil.store.hdf5 import open_for_reading
+from wsi_mil.store.hdf5 import open_for_reading, written_by
 
 REQUIRED_DATASETS = ("heatmap", "tile_count", "coords", "scores", "attention", "instance_probabilities")
 
@@ -85,7 +85,9 @@ def read_heatmap_h5(path: str | os.PathLike[str]) -> HeatmapArrays:
     with open_for_reading(p, str(p), "Run `wsi-mil heatmap` again.") as fh:
         missing = [d for d in REQUIRED_DATASETS if d not in fh]
         if missing:
-            raise BagFileError(f"{p} lacks {', '.join(missing)}: it was not written by `wsi-mil heatmap`.")
+            raise BagFileError(
+                f"{p} lacks {', '.join(missing)}: it was not written by `wsi-mil heatmap` ({written_by(fh.attrs)})."
+            )
         arrays = {d: np.asarray(fh[d][()]) for d in REQUIRED_DATASETS}
         tissue = np.asarray(fh["tissue"][()]) if "tissue" in fh else None
         attrs: dict[str, Any] = {}

@@ -28,7 +28,7 @@ import numpy as np
 
 from wsi_mil.errors import BagFileError
 from wsi_mil.store.atomic import as_output_error, atomic_path
-from wsi_mil.store.hdf5 import h5_open, open_for_reading, positive_float
+from wsi_mil.store.hdf5 import h5_open, open_for_reading, positive_float, written_by
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def load_scores(path: str | os.PathLike[str]) -> SlideScores:
         if missing or missing_attrs:
             raise BagFileError(
                 f"{where} lacks {', '.join(missing + [f'attribute {a}' for a in missing_attrs])}; it was not written "
-                "by `wsi-mil predict`, or not completely. Run predict again."
+                f"by `wsi-mil predict`, or not completely ({written_by(fh.attrs)}). Run predict again."
             )
         coords = np.asarray(fh["coords"][()])
         attention = np.asarray(fh["attention"][()], dtype=np.float64)
