@@ -1,7 +1,7 @@
-"""``wsi-mil heatmap``: a thin click command over :func:`wsi_mil.runs.heatmap.run_heatmap`.
+"""``wsi-mil heatmap``: a thin command over :func:`wsi_mil.runs.heatmap.run_heatmap`.
 
-Registered on the main group with ``main.add_command(heatmap)``. This module does not import
-``wsi_mil.cli`` (so either may be imported first); heavy modules load inside the command.
+With ``--features`` it first scores the bags with :func:`wsi_mil.runs.predict.run_predict`.
+Heavy modules load inside the command, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -11,9 +11,18 @@ from pathlib import Path
 
 import click
 
+from wsi_mil.cli.common import (
+    config_option,
+    exit_on_error,
+    out_option,
+    slide_options,
+    slide_overrides,
+    slides_argument,
+)
+
 
 @click.command("heatmap")
-@click.argument("slides", nargs=-1, required=True)
+@slides_argument
 @click.option("--scores", "scores_dir", type=click.Path(file_okay=False), default=None,
               help="The --out folder of `wsi-mil predict` (it holds scores/<slide_id>.h5).")
 @click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
@@ -22,9 +31,8 @@ import click
               help="For --features: checkpoint files, fold folders or a training run folder (repeatable; folds are averaged).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
               help="For --features: label CSV, so captions show the true label.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="YAML config (see configs/heatmap.yaml).")
+@out_option()
+@config_option("heatmap")
 @click.option("--score", type=click.Choice(["attention", "probability"]), default=None,
               help="attention (default) or the tile's own class probability.")
 @click.option("--scale", "attention_scale", type=click.Choice(["rank", "fixed"]), default=None,
@@ -36,11 +44,10 @@ import click
 @click.option("--max-side-px", type=int, default=None, help="Longest heatmap side in pixels (default 2048).")
 @click.option("--smooth-um", type=float, default=None, help="Gaussian smoothing sigma in µm (default 0: none).")
 @click.option("--no-clip", is_flag=True, default=False, help="Do not clip the heatmap to the tissue mask.")
-@click.option("--backend", type=click.Choice(["auto", "openslide", "tiffslide"]), default=None,
-              help="Slide reader (default auto: OpenSlide, tiffslide fallback).")
-@click.option("--mpp-override", type=float, default=None,
-              help="Level-0 µm/px for every slide (default: the slide µm/px recorded in the scores).")
-@click.option("--mpp-override-csv", type=click.Path(dir_okay=False), default=None, help="CSV slide_id,mpp.")
+@slide_options(
+    mpp_override_help="Level-0 µm/px for every slide (default: the slide µm/px recorded in the scores).",
+    mpp_override_csv_help="CSV slide_id,mpp.",
+)
 def heatmap(
     slides: tuple[str, ...],
     scores_dir: str | None,
@@ -68,11 +75,11 @@ def heatmap(
     """
     from wsi_mil.config import load_config
     from wsi_mil.config.heatmap import HeatmapConfig
-    from wsi_mil.errors import InputError, WsiMilError
+    from wsi_mil.errors import InputError
     from wsi_mil.runs.heatmap import run_heatmap
     from wsi_mil.runs.slide_loop import discover_slides
 
-    try:
+    with exit_on_error():
         if (scores_dir is None) == (features_dir is None):
             raise InputError("Give either --scores PREDICT_OUT, or --features DIR with --checkpoint CKPT.")
         if features_dir is not None and not checkpoints:
@@ -89,18 +96,13 @@ def heatmap(
                 "max_side_px": max_side_px,
                 "smooth_sigma_um": smooth_um,
                 "clip_to_tissue": False if no_clip else None,
-                "slide.backend": backend,
-                "slide.mpp_override": mpp_override,
-                "slide.mpp_override_csv": mpp_override_csv,
+                **slide_overrides(backend, mpp_override, mpp_override_csv),
             },
         )
         paths = discover_slides(list(slides))
         if features_dir is not None:
             scores_dir = str(_predict_first(Path(features_dir), [Path(c) for c in checkpoints], Path(out_dir), labels_csv))
         result = run_heatmap(paths, str(scores_dir), Path(out_dir), cfg)
-    except WsiMilError as exc:
-        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-        sys.exit(2)
     click.echo(result.text())
     if result.index_html is not None:
         click.echo(f"review page: {result.index_html}")
@@ -110,16 +112,8 @@ def heatmap(
 
 def _predict_first(features_dir: Path, checkpoints: list[Path], out_dir: Path, labels_csv: str | None) -> Path:
     """Score the feature bags with the predict library function into ``OUT/predict``; return that folder."""
-    from wsi_mil.errors import InputError
+    from wsi_mil.runs.predict import run_predict
 
-    try:
-        from wsi_mil.runs.predict import run_predict
-    except ImportError as exc:
-        raise InputError(
-            "--features/--checkpoint needs `wsi-mil predict` (wsi_mil.runs.predict), which this installation "
-            f"lacks ({exc}). Run `wsi-mil predict FEATURES --checkpoint CKPT --out P`, then "
-            "`wsi-mil heatmap SLIDES --scores P --out DIR`."
-        ) from exc
     predict_out = out_dir / "predict"
     result = run_predict(features_dir, checkpoints, predict_out, labels_csv=labels_csv)
     click.echo(result.table())

@@ -1,0 +1,107 @@
+"""``wsi-mil extract``: a thin command over :func:`wsi_mil.runs.extract.run_extract` (torch loads inside it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from wsi_mil.cli.common import (
+    config_option,
+    device_option,
+    encoder_from_env,
+    exit_on_error,
+    out_option,
+    prefer_huge_pages,
+    slide_options,
+    slide_overrides,
+    slides_argument,
+    tile_size_options,
+)
+
+
+@click.command("extract")
+@slides_argument
+@out_option()
+@config_option("extract")
+@click.option("--encoder", default=None, help="resnet50_trunc, tf_efficientnet_lite0 (default; offline ImageNet weights) or a timm model id. Default also from $WSI_MIL_ENCODER.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weight file (.safetensors or .pth, loaded safely). Default also from $WSI_MIL_WEIGHTS (weights baked into the Docker image).")
+@click.option("--random-init", is_flag=True, default=None, help="Random encoder weights (testing only; recorded in the output).")
+@tile_size_options
+@device_option()
+@click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 32).")
+@click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N loader processes; default: a reading thread on CPU, up to 8 processes on CUDA.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: bf16 where the hardware has it, else fp32.")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
+@click.option("--skip-unreadable-tiles", is_flag=True, default=None, help="Skip and count corrupt tiles instead of failing the slide.")
+@click.option("--shard", default=None, help="I/N: process shard I of N (default from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX).")
+@click.option("--overwrite", is_flag=True, help="Recompute everything, also in a folder made with another config.")
+@click.option("--allow-failed-slides", is_flag=True, help="Exit 0 when slides failed (each is explained in manifest.csv): for job chains (Slurm afterok, Kubernetes Jobs) that go on with the good slides.")
+@slide_options()
+def extract(
+    slides: tuple[str, ...],
+    out_dir: str,
+    config_path: str | None,
+    encoder: str | None,
+    weights: str | None,
+    random_init: bool | None,
+    mpp: float | None,
+    tile_px: int | None,
+    device: str | None,
+    batch_size: int | None,
+    workers: int | None,
+    precision: str | None,
+    feature_dtype: str | None,
+    compile_: bool | None,
+    skip_unreadable_tiles: bool | None,
+    shard: str | None,
+    overwrite: bool,
+    allow_failed_slides: bool,
+    backend: str | None,
+    mpp_override: float | None,
+    mpp_override_csv: str | None,
+) -> None:
+    """Tile the tissue at an exact µm/px and stream frozen-encoder features into OUT/features/<id>.h5.
+
+    Resumable: rerun the same command after a crash or Ctrl-C; complete slides are skipped.
+    """
+    prefer_huge_pages()
+    from wsi_mil.config import ExtractConfig, load_config
+    from wsi_mil.runs.slide_loop import discover_slides, parse_shard
+
+    # Ctrl-C before or after the batch exits here (inside the batch the summary records it).
+    with exit_on_error(resumable=True):
+        encoder, weights = encoder_from_env(config_path, encoder, weights)
+        cfg = load_config(
+            ExtractConfig,
+            config_path,
+            {
+                "encoder": encoder,
+                "weights": weights,
+                "random_init": random_init,
+                "tiling.mpp": mpp,
+                "tiling.tile_px": tile_px,
+                "device": device,
+                "batch_size": batch_size,
+                "workers": workers,
+                "precision": precision,
+                "feature_dtype": feature_dtype,
+                "compile": compile_,
+                "skip_unreadable_tiles": skip_unreadable_tiles,
+                **slide_overrides(backend, mpp_override, mpp_override_csv),
+            },
+        )
+        shard_ix = parse_shard(shard)
+        paths = discover_slides(list(slides))
+        from wsi_mil.runs.extract import run_extract
+
+        summary = run_extract(paths, Path(out_dir), cfg, overwrite=overwrite, shard=shard_ix)
+    click.echo(summary.text())
+    click.echo(f"features: {Path(out_dir) / 'features'}  manifest: {Path(out_dir) / 'manifest.csv'}")
+    code = summary.exit_code
+    if code == 1 and allow_failed_slides:
+        click.echo(f"{len(summary.failed)} slide(s) failed (see the manifest); exit 0 (--allow-failed-slides)", err=True)
+        code = 0
+    sys.exit(code)
