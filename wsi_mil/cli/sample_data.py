@@ -16,7 +16,8 @@ from wsi_mil.cli.common import exit_on_error
 @click.option("--broken", is_flag=True, help="Also write a folder of broken slides (OUT/broken) for trying failure handling.")
 def sample_data(out: str, n_slides: int, seed: int, broken: bool) -> None:
     """Build the sample cohort of pyramidal slides from real tissue: OUT/slides, labels.csv, annotations/."""
-    from wsi_mil.demo.cohort import build_sample_cohort, write_broken_slides
+    from wsi_mil.demo.broken import write_broken_slides
+    from wsi_mil.demo.cohort import build_sample_cohort
 
     with exit_on_error():
         info = build_sample_cohort(Path(out), n_slides=n_slides, seed=seed)

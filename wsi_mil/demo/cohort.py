@@ -58,7 +58,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from wsi_mil.demo.broken import write_broken_slides  # re-exported for `wsi-mil sample-data --broken`
 from wsi_mil.demo.plan import plan_slides
 from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.demo.render import (
@@ -72,7 +71,7 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.store.atomic import TEMP_PREFIX, atomic_path, atomic_write_bytes, atomic_write_text
 from wsi_mil.store.geojson import annotation, feature_collection, write_geojson
 
-__all__ = ["CohortInfo", "SampleSlide", "build_sample_cohort", "write_broken_slides"]
+__all__ = ["CohortInfo", "SampleSlide", "build_sample_cohort"]
 
 logger = logging.getLogger(__name__)
 
