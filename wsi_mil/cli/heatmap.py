@@ -11,18 +11,11 @@ from pathlib import Path
 
 import click
 
-from wsi_mil.cli.common import (
-    config_option,
-    exit_on_error,
-    out_option,
-    slide_options,
-    slide_overrides,
-    slides_argument,
-)
+from wsi_mil.cli import common
 
 
 @click.command("heatmap")
-@slides_argument
+@common.slides_argument
 @click.option("--scores", "scores_dir", type=click.Path(file_okay=False), default=None,
               help="The --out folder of `wsi-mil predict` (it holds scores/<slide_id>.h5).")
 @click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
@@ -31,8 +24,8 @@ from wsi_mil.cli.common import (
               help="For --features: checkpoint files, fold folders or a training run folder (repeatable; folds are averaged).")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
               help="For --features: label CSV, so captions show the true label.")
-@out_option()
-@config_option("heatmap")
+@common.out_option()
+@common.config_option("heatmap")
 @click.option("--score", type=click.Choice(["attention", "probability"]), default=None,
               help="attention (default) or the tile's own class probability.")
 @click.option("--scale", "attention_scale", type=click.Choice(["rank", "fixed"]), default=None,
@@ -44,7 +37,7 @@ from wsi_mil.cli.common import (
 @click.option("--max-side-px", type=int, default=None, help="Longest heatmap side in pixels (default 2048).")
 @click.option("--smooth-um", type=float, default=None, help="Gaussian smoothing sigma in µm (default 0: none).")
 @click.option("--no-clip", is_flag=True, default=False, help="Do not clip the heatmap to the tissue mask.")
-@slide_options(
+@common.slide_options(
     mpp_override_help="Level-0 µm/px for every slide (default: the slide µm/px recorded in the scores).",
     mpp_override_csv_help="CSV slide_id,mpp.",
 )
@@ -79,7 +72,7 @@ def heatmap(
     from wsi_mil.runs.heatmap import run_heatmap
     from wsi_mil.runs.slide_loop import discover_slides
 
-    with exit_on_error():
+    with common.exit_on_error():
         if (scores_dir is None) == (features_dir is None):
             raise InputError("Give either --scores PREDICT_OUT, or --features DIR with --checkpoint CKPT.")
         if features_dir is not None and not checkpoints:
@@ -96,7 +89,7 @@ def heatmap(
                 "max_side_px": max_side_px,
                 "smooth_sigma_um": smooth_um,
                 "clip_to_tissue": False if no_clip else None,
-                **slide_overrides(backend, mpp_override, mpp_override_csv),
+                **common.slide_overrides(backend, mpp_override, mpp_override_csv),
             },
         )
         paths = discover_slides(list(slides))
