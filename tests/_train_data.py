@@ -63,12 +63,14 @@ def planted_cohort(
     seed: int = 0,
     two_slide_cases: int = 4,
     classes: tuple[str, str] = ("normal", "tumor"),
+    prefix: str = "s",
 ) -> Cohort:
     """Slides of Gaussian tiles; 'tumor' slides hold a few planted tiles shifted along one direction.
 
     ``planted[slide_id]`` is the boolean mask of planted tiles; the planted direction depends on ``dim``
     only, so cohorts of different seeds share it (train on one, predict another). The first ``two_slide_cases`` pairs of
-    same-label slides share a case id.
+    same-label slides share a case id. Slide ids are ``<prefix>000``...: give a cohort of new slides its own
+    prefix, since a slide id that a training run listed is scored out of fold as that run's slide.
     """
     rng = np.random.default_rng(seed)
     features_dir = root / "features"
@@ -78,7 +80,7 @@ def planted_cohort(
     ids, labels, cases = [], [], []
     planted: dict[str, np.ndarray] = {}
     for i in range(n_slides):
-        slide_id = f"s{i:03d}"
+        slide_id = f"{prefix}{i:03d}"
         label = classes[i % 2]
         n = int(rng.integers(tiles[0], tiles[1] + 1))
         x = rng.normal(size=(n, dim)).astype(np.float32)
@@ -93,7 +95,7 @@ def planted_cohort(
         labels.append(label)
         planted[slide_id] = mask
     # cases: pairs (s000, s002), (s001, s003), ... share a case for the first two_slide_cases pairs
-    case_of = {s: f"P{s[1:]}" for s in ids}
+    case_of = {s: f"P{s[len(prefix):]}" for s in ids}
     for j in range(min(two_slide_cases, (n_slides - 1) // 4)):
         a, b = ids[4 * j], ids[4 * j + 2]
         case_of[b] = case_of[a]

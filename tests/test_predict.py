@@ -51,7 +51,7 @@ def test_attention_ranks_planted_tiles_first(trained):
     """Evidence (1): on new slides, planted tiles get the highest attention (tile-level AUC >= 0.95)."""
     root, result = trained
     assert result.metrics["pooled_out_of_fold"]["auc"]["value"] >= 0.9
-    new = planted_cohort(root / "new", n_slides=20, dim=16, shift=4.0, planted_fraction=(0.05, 0.15), seed=11)
+    new = planted_cohort(root / "new", n_slides=20, dim=16, shift=4.0, planted_fraction=(0.05, 0.15), seed=11, prefix="new")
     out = run_predict(new.features_dir, [root / "run"], root / "pred", labels_csv=new.labels_csv)
     assert out.metrics is not None and out.metrics["auc"]["value"] >= 0.95
     per_slide, top_is_planted = [], []
@@ -124,3 +124,70 @@ def test_predict_skips_empty_and_non_finite_bags(tmp_path):
         assert h.attrs["label"] == "" and h.attrs["model_name"] == "abmil"
     strict = CliRunner().invoke(predict, [str(f), "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "s"), "--strict"])
     assert strict.exit_code == 2 and "'inf'" in strict.output and not (tmp_path / "s").exists()
+
+
+def test_each_slide_of_the_run_is_scored_exactly_by_the_fold_model_that_held_it_out(trained, tmp_path):
+    root, _ = trained
+    cohort_dir = root / "train" / "features"
+    out = run_predict(cohort_dir, [root / "run"], tmp_path / "oof")
+    assert out.scored_by == {"held_out": 40} and not out.in_sample
+    test_fold = {}
+    for line in (root / "run" / "splits.csv").read_text().splitlines()[1:]:
+        slide_id, _, _, fold, split = line.split(",")
+        if split == "test":
+            test_fold[slide_id] = int(fold)
+    folds = [load_checkpoint(root / "run" / f"fold_{k}") for k in range(2)]
+    rows = {r.split(",")[0]: r.split(",") for r in (tmp_path / "oof" / "predictions.csv").read_text().splitlines()[1:]}
+    for slide_id, fold in test_fold.items():
+        with h5py.File(tmp_path / "oof" / "scores" / f"{slide_id}.h5") as fh:
+            assert fh.attrs["scored_by"] == f"held_out:fold_{fold}" and int(fh.attrs["n_checkpoints"]) == 1
+            attention = fh["attention"][:]
+            bag = json.loads(fh.attrs["bag_probabilities"])
+        with h5py.File(cohort_dir / f"{slide_id}.h5") as fh:
+            x = torch.from_numpy(fh["features"][:])
+        alone = predict_bag([folds[fold].model], x)
+        np.testing.assert_array_equal(attention, alone.attention)
+        assert bag == [float(v) for v in alone.bag_probabilities]
+        assert rows[slide_id][-1] == f"held_out:fold_{fold}"
+    # a slide the run never saw is scored by both folds, and says so
+    new = planted_cohort(tmp_path / "new", n_slides=4, dim=16, shift=4.0, seed=5, prefix="new")
+    unseen = run_predict(new.features_dir, [root / "run"], tmp_path / "unseen")
+    assert unseen.scored_by == {"ensemble": 4}
+    with h5py.File(tmp_path / "unseen" / "scores" / f"{new.slide_ids[0]}.h5") as fh:
+        assert fh.attrs["scored_by"] == "ensemble:2" and int(fh.attrs["n_checkpoints"]) == 2
+    # one fold's checkpoint alone: its training slides are skipped, its test slides are held out
+    one = run_predict(cohort_dir, [root / "run" / "fold_0"], tmp_path / "one")
+    held = sorted(s for s, f in test_fold.items() if f == 0)
+    assert one.n_predicted == len(held) and sorted(one.skipped["trained_on"]) == sorted(set(test_fold) - set(held))
+
+
+def test_shuffled_labels_print_the_out_of_fold_auc_and_ensemble_all_is_marked_in_sample(tmp_path):
+    """Random labels: the models memorise their training slides, so the in-sample AUC is high, while the
+    out-of-fold AUC that predict (and so the pipeline) prints stays near chance."""
+    cohort = planted_cohort(tmp_path / "c", n_slides=40, dim=16, shift=0.0, seed=3, two_slide_cases=0)
+    rng = np.random.default_rng(0)
+    lines = cohort.labels_csv.read_text().splitlines()
+    shuffled = [lines[0]] + [",".join([*row.split(",")[:1], lab, *row.split(",")[2:]])
+                             for row, lab in zip(lines[1:], rng.permutation(["normal", "tumor"] * 20), strict=True)]
+    cohort.labels_csv.write_text("\n".join(shuffled) + "\n")
+    config = TrainConfig.model_validate(
+        {
+            "model": {"hidden_dims": [64], "dropout": 0.0},
+            "training": {"epochs": 60, "lr": 0.01, "device": "cpu", "early_stopping_patience": None},
+            "splits": {"folds": 5},
+            "metrics": {"n_bootstrap": 0},
+        }
+    )
+    run_train(cohort.features_dir, cohort.labels_csv, tmp_path / "run", config)
+    oof = run_predict(cohort.features_dir, [tmp_path / "run"], tmp_path / "oof", labels_csv=cohort.labels_csv)
+    ins = run_predict(cohort.features_dir, [tmp_path / "run"], tmp_path / "ins", labels_csv=cohort.labels_csv,
+                      ensemble_all=True)
+    assert oof.metrics is not None and ins.metrics is not None
+    oof_auc, ins_auc = oof.metrics["auc"]["value"], ins.metrics["auc"]["value"]
+    assert abs(oof_auc - 0.5) < 0.25 and ins_auc > 0.85, (oof_auc, ins_auc)
+    assert "out of fold" in oof.table() and f"{oof_auc:.3f}" in oof.table()
+    assert "IN-SAMPLE" in ins.table() and ins.in_sample
+    assert json.loads((tmp_path / "oof" / "metrics.json").read_text())["scoring"] == "out_of_fold"
+    assert json.loads((tmp_path / "ins" / "metrics.json").read_text())["scoring"] == "in_sample"
+    with h5py.File(tmp_path / "ins" / "scores" / f"{cohort.slide_ids[0]}.h5") as fh:
+        assert fh.attrs["scored_by"] == "in_sample:ensemble:5"

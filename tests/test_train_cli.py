@@ -117,7 +117,7 @@ def test_train_then_predict_through_the_cli(tmp_path):
     assert metrics["cohort"]["n_used"] == 18 and metrics["cohort"]["layout"] == "wsi-mil"
 
     # predict with the whole run (3 fold checkpoints averaged) on new slides
-    new = planted_cohort(tmp_path / "new", n_slides=6, dim=12, shift=4.0, seed=5)
+    new = planted_cohort(tmp_path / "new", n_slides=6, dim=12, shift=4.0, seed=5, prefix="new")
     out = tmp_path / "pred"
     result = CliRunner().invoke(predict, [str(new.features_dir), "--checkpoint", str(run), "--out", str(out), "--labels", str(new.labels_csv), "--device", "cpu"])
     assert result.exit_code == 0, result.output

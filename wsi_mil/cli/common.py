@@ -171,3 +171,19 @@ def encoder_from_env(config_path: str | None, encoder: str | None, weights: str 
 def prefer_huge_pages() -> None:
     """Ask torch for transparent huge pages (fewer page faults); call before torch allocates."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+CHECKPOINT_HELP = (
+    "model.json / model.safetensors, a fold folder, or a train run folder. Out of fold: a slide the run listed "
+    "is scored by the fold model that held it out, a slide it never saw by the folds' average. Repeatable."
+)
+
+
+def ensemble_all_option(func: F) -> F:
+    """``--ensemble-all``: every checkpoint scores every slide (deployment); in-sample metrics are marked."""
+    return click.option(
+        "--ensemble-all", is_flag=True, default=False,
+        help="Score every slide with every checkpoint, also slides they trained on (for deployment on new "
+        "slides); metrics over such slides are marked IN-SAMPLE, with a warning.",
+    )(func)
+

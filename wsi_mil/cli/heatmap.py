@@ -21,11 +21,12 @@ from wsi_mil.cli import common
 @click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
               help="Instead of --scores: feature bags to score first with --checkpoint (runs predict into OUT/predict).")
 @click.option("--checkpoint", "checkpoints", multiple=True,
-              help="For --features: checkpoint files, fold folders or a training run folder (repeatable; folds are averaged).")
+              help="For --features: " + common.CHECKPOINT_HELP)
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None,
               help="For --features: label CSV, so captions show the true label.")
 @common.out_option()
 @common.config_option("heatmap")
+@common.ensemble_all_option
 @click.option("--score", type=click.Choice(["attention", "probability"]), default=None,
               help="attention (default) or the tile's own class probability.")
 @click.option("--scale", "attention_scale", type=click.Choice(["rank", "fixed"]), default=None,
@@ -49,6 +50,7 @@ def heatmap(
     labels_csv: str | None,
     out_dir: str,
     config_path: str | None,
+    ensemble_all: bool,
     score: str | None,
     attention_scale: str | None,
     class_name: str | None,
@@ -94,7 +96,9 @@ def heatmap(
         )
         paths = discover_slides(list(slides))
         if features_dir is not None:
-            scores_dir = str(_predict_first(Path(features_dir), [Path(c) for c in checkpoints], Path(out_dir), labels_csv))
+            scores_dir = str(
+                _predict_first(Path(features_dir), [Path(c) for c in checkpoints], Path(out_dir), labels_csv, ensemble_all)
+            )
         result = run_heatmap(paths, str(scores_dir), Path(out_dir), cfg)
     click.echo(result.text())
     if result.index_html is not None:
@@ -103,11 +107,13 @@ def heatmap(
     sys.exit(result.exit_code)
 
 
-def _predict_first(features_dir: Path, checkpoints: list[Path], out_dir: Path, labels_csv: str | None) -> Path:
+def _predict_first(
+    features_dir: Path, checkpoints: list[Path], out_dir: Path, labels_csv: str | None, ensemble_all: bool
+) -> Path:
     """Score the feature bags with the predict library function into ``OUT/predict``; return that folder."""
     from wsi_mil.runs.predict import run_predict
 
     predict_out = out_dir / "predict"
-    result = run_predict(features_dir, checkpoints, predict_out, labels_csv=labels_csv)
+    result = run_predict(features_dir, checkpoints, predict_out, labels_csv=labels_csv, ensemble_all=ensemble_all)
     click.echo(result.table())
     return predict_out

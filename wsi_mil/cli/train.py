@@ -10,8 +10,10 @@ import sys
 import click
 
 from wsi_mil.cli.common import (
+    CHECKPOINT_HELP,
     config_option,
     device_option,
+    ensemble_all_option,
     exit_on_error,
     features_argument,
     label_column_options,
@@ -90,13 +92,14 @@ def train(
 
 @click.command("predict")
 @features_argument
-@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(exists=True), help="model.json / model.safetensors, a fold folder, or a train run folder (all folds, averaged). Repeatable.")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(exists=True), help=CHECKPOINT_HELP)
 @out_option("Output folder: predictions.csv, scores/<slide_id>.h5.")
 @click.option("--labels", "labels_csv", type=click.Path(dir_okay=False, exists=True), default=None, help="Optional label CSV: adds labels to the outputs and writes metrics.json.")
 @config_option("predict")
 @device_option()
 @label_column_options(case_col_help="Case/patient column (default case_id).")
 @click.option("--strict", is_flag=True, default=None, help="NaN/Inf bags are errors instead of skipped slides.")
+@ensemble_all_option
 def predict(
     features: str,
     checkpoints: tuple[str, ...],
@@ -108,8 +111,12 @@ def predict(
     label_col: str | None,
     case_col: str | None,
     strict: bool | None,
+    ensemble_all: bool,
 ) -> None:
-    """Predict slides with trained checkpoints (fold checkpoints are averaged); per-tile scores for heatmaps.
+    """Predict slides with trained checkpoints, out of fold; per-tile scores for heatmaps.
+
+    Each slide of the training run is scored by the fold model that held it out, each slide the run never
+    saw by the average of the fold models; predictions.csv and every score file say which (scored_by).
 
     Features must match the checkpoint's feature spec (encoder, dimension, tile µm/px and px).
     """
@@ -124,7 +131,7 @@ def predict(
         )
         from wsi_mil.runs.predict import run_predict
 
-        result = run_predict(features, list(checkpoints), out_dir, cfg, labels_csv=labels_csv)
+        result = run_predict(features, list(checkpoints), out_dir, cfg, labels_csv=labels_csv, ensemble_all=ensemble_all)
     click.echo(result.table())
     click.echo(f"predictions: {result.out_dir / 'predictions.csv'}; scores: {result.out_dir / 'scores'}")
     sys.exit(result.exit_code)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from wsi_mil.cohort.scoring import describe_scored_by
 from wsi_mil.config.heatmap import HeatmapConfig
 from wsi_mil.errors import ConfigError
 from wsi_mil.store.score_file import SlideScores
@@ -327,6 +328,7 @@ class Caption:
     model: str
     n_checkpoints: int
     detail: str  # third line: tiles, resolution, encoder
+    scored_by: str = ""  # held_out:fold_3, ensemble:5, in_sample:ensemble:5 (see wsi_mil.cohort.scoring)
 
 
 def _resize_to(image: np.ndarray, width_px: int) -> np.ndarray:
@@ -440,10 +442,13 @@ def render_figure(
                  ha="right", va="baseline")
     prob = "" if not math.isfinite(caption.probability) else f" (P = {caption.probability:.2f})"
     truth = caption.label or "unknown"
-    model = caption.model + (f" ({caption.n_checkpoints} checkpoints averaged)" if caption.n_checkpoints > 1 else "")
+    how = describe_scored_by(caption.scored_by, caption.n_checkpoints)
+    model = caption.model + (f" ({how})" if how else "")
+    in_sample = caption.scored_by.startswith("in_sample:")
     fig.text(left, 1 - 0.72 / fig_h,
              f"Prediction: {caption.predicted_class or 'none'}{prob}    True label: {truth}    Model: {model}",
-             fontsize=12, va="baseline")
+             fontsize=12, va="baseline", color="#b00000" if in_sample else "black",
+             fontweight="bold" if in_sample else "normal")
     fig.text(left, 1 - 0.96 / fig_h, caption.detail, fontsize=10, va="baseline", color="#444444")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor="white", pil_kwargs={"compress_level": 2})

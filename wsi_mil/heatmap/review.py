@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from wsi_mil.cohort.scoring import describe_scored_by
 from wsi_mil.config.heatmap import HeatmapConfig
 from wsi_mil.heatmap.render import TileValues, render_colorbar
 from wsi_mil.store import RecordStore, atomic_write_bytes, atomic_write_text, folder_lock
@@ -113,6 +114,16 @@ def _href(slide_id: str, name: str) -> str:
     return _e(quote(f"{slide_id}/{name}"))
 
 
+def _scored_by_line(s: dict[str, Any]) -> str:
+    """How the slide was scored; in red when a model that scored it trained on it."""
+    scored_by = str(s.get("scored_by", ""))
+    words = describe_scored_by(scored_by, int(s.get("n_checkpoints", 1) or 1))
+    if not words:
+        return ""
+    style = ' style="color:#b00000;font-weight:bold"' if scored_by.startswith("in_sample:") else ""
+    return f'<div class="small scored"{style}>scored by: {_e(words)}</div>'
+
+
 def _card(s: dict[str, Any], lazy: bool) -> str:
     sid = str(s["slide_id"])
     files = s.get("files", {})
@@ -142,6 +153,7 @@ def _card(s: dict[str, Any], lazy: bool) -> str:
         note,
         f'<div class="small">P per class: {probs}</div>',
         f'<div class="small">{int(s.get("n_tiles", 0)):,} tiles · model {_e(s.get("model", ""))}</div>',
+        _scored_by_line(s),
         f'<div><a href="{fig}">figure</a><a href="{_href(sid, files.get("geojson", "tiles.geojson"))}">GeoJSON</a>'
         f'<a href="{_href(sid, files.get("top_csv", "top_tiles.csv"))}">top tiles CSV</a>'
         f'<a href="{_href(sid, files.get("hdf5", "heatmap.h5"))}">HDF5</a></div>',

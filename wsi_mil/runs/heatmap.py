@@ -202,6 +202,7 @@ def _caption(scores: SlideScores, values: TileValues | None, geometry: CanvasGeo
         model=scores.model or "unknown model",
         n_checkpoints=scores.n_checkpoints,
         detail=" · ".join(details),
+        scored_by=scores.scored_by,
     )
 
 
@@ -392,6 +393,7 @@ def _write_summary(
         "label": scores.label,
         "model": scores.model,
         "n_checkpoints": scores.n_checkpoints,
+        "scored_by": scores.scored_by,
         "note": note,
         "tissue_clipped": clipped,
         "canvas_mpp": geometry.canvas_mpp,

@@ -88,7 +88,7 @@ class PipelineResult:
             self.extract_text,
             "== train: cross-validated, out-of-fold metrics with 95% bootstrap CIs",
             self.train_table,
-            "== predict (fold models averaged, all labelled slides)",
+            "== predict: out of fold (each slide scored by the fold model that held it out)",
             self.predict_table,
             "== heatmap",
             self.heatmap_text,

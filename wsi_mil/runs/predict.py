@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from wsi_mil.cohort.datasets import (
 )
 from wsi_mil.cohort.labels import read_labels
 from wsi_mil.cohort.metrics import bootstrap_metrics, format_metrics_table
+from wsi_mil.cohort.scoring import ScoringPlan
 from wsi_mil.config.train import PredictConfig, resolve_device
 from wsi_mil.errors import CheckpointError, InputError
 from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
@@ -71,6 +73,10 @@ class PredictResult:
     n_predicted: int
     skipped: dict[str, list[str]] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
+    #: slides per kind of scorer: ``held_out``, ``ensemble`` (of checkpoints that never saw it), ``in_sample``
+    scored_by: dict[str, int] = field(default_factory=dict)
+    #: True when some slide was scored by a model that trained on it (``ensemble_all``)
+    in_sample: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -78,13 +84,25 @@ class PredictResult:
         return 1 if self.skipped.get("non_finite") else 0
 
     def table(self) -> str:
-        lines = [f"predicted {self.n_predicted} slide(s) into {self.out_dir}"]
+        how = ", ".join(f"{n} {_SCORED_BY_WORDS.get(k, k)}" for k, n in sorted(self.scored_by.items()))
+        lines = [f"predicted {self.n_predicted} slide(s) into {self.out_dir}" + (f": {how}" if how else "")]
         for reason, ids in self.skipped.items():
             if ids:
-                lines.append(f"skipped ({reason}): {len(ids)}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
+                why = " (every checkpoint trained on them; --ensemble-all scores them in-sample)" if reason == "trained_on" else ""
+                lines.append(
+                    f"skipped ({reason}): {len(ids)}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}{why}"
+                )
         if self.metrics is not None:
-            lines.append(format_metrics_table([("labelled", self.metrics)]))
+            name = "IN-SAMPLE (trained on)" if self.in_sample else "out of fold"
+            lines.append(format_metrics_table([(name, self.metrics)]))
         return "\n".join(lines)
+
+
+_SCORED_BY_WORDS = {
+    "held_out": "by the fold model that held them out",
+    "ensemble": "by the checkpoints' average (never seen in training)",
+    "in_sample": "IN-SAMPLE by models that trained on them",
+}
 
 
 def _consistent(checkpoints: Sequence[Checkpoint]) -> None:
@@ -135,8 +153,15 @@ def run_predict(
     config: PredictConfig | None = None,
     labels_csv: str | os.PathLike[str] | None = None,
     progress: bool | None = None,
+    *,
+    ensemble_all: bool = False,
 ) -> PredictResult:
-    """Predict every bag under ``features`` with the averaged ``checkpoints``.
+    """Predict every bag under ``features``, out of fold (see :mod:`wsi_mil.cohort.scoring`).
+
+    A slide that the checkpoints' training run listed is scored by the fold model that held it out; a
+    slide the run never saw by the average of the checkpoints; a slide every checkpoint trained on is
+    skipped (``skipped["trained_on"]``). ``ensemble_all`` scores every slide with every checkpoint (for
+    deployment); metrics over slides a model trained on are then marked in-sample, with a warning.
 
     Args:
         features: a feature folder or one bag file (see :mod:`~wsi_mil.cohort.datasets`).
@@ -159,6 +184,7 @@ def run_predict(
     names = sorted({c.model_name for c in loaded})
     model_name = "+".join(names)
     logger.info("%d checkpoint(s) of %s, classes %s", len(loaded), model_name, classes)
+    plan = ScoringPlan(sidecars, [c.meta for c in loaded], ensemble_all=ensemble_all)
 
     folder = discover_features(features)
     label_of: dict[str, str] = {}
@@ -188,11 +214,18 @@ def run_predict(
     device = torch.device(resolve_device(cfg.device))
     models = [c.model.to(device).eval() for c in loaded]
     rows: list[dict[str, Any]] = []
+    trained_on: list[str] = []
+    in_sample: list[str] = []
     y_true: list[int] = []
     y_prob: list[np.ndarray] = []
     with progress_bar(total=len(infos), desc="predicting", unit="slide", enable=progress) as bar:
         for info in infos:
             source = info.source
+            scorer = plan.scorer(source.slide_id)
+            if scorer is None:
+                trained_on.append(source.slide_id)
+                bar.update(1)
+                continue
             array = read_features(source)
             if not np.isfinite(array).all():
                 logger.warning("slide %r holds NaN/Inf features; skipped (re-extract it)", source.slide_id)
@@ -201,7 +234,7 @@ def run_predict(
                 continue
             x = torch.from_numpy(array).to(device)
             del array
-            scores = predict_bag(models, x)
+            scores = predict_bag([models[i] for i in scorer.indices], x)
             del x
             coords = read_coords(source, info.n_tiles)
             predicted = classes[int(np.argmax(scores.bag_probabilities))]
@@ -217,13 +250,14 @@ def run_predict(
                 predicted_class=predicted,
                 label=label,
                 model=model_name,
-                n_checkpoints=len(models),
+                n_checkpoints=len(scorer.indices),
                 tile_px=info.spec.tile_px,
                 mpp=info.spec.mpp,
                 footprint_px=info.footprint_px,
                 slide_mpp=info.slide_mpp,
                 encoder_name=info.spec.encoder_name or "",
                 source_feature_file=str(source.path),
+                scored_by=scorer.label,
             )
             rows.append(
                 {
@@ -233,14 +267,17 @@ def run_predict(
                     **{f"prob_{c}": float(p) for c, p in zip(classes, scores.bag_probabilities, strict=True)},
                     "predicted": predicted,
                     "n_tiles": info.n_tiles,
+                    "scored_by": scorer.label,
                 }
             )
+            if scorer.in_sample:
+                in_sample.append(source.slide_id)
             if label:
                 y_true.append(classes.index(label))
                 y_prob.append(scores.bag_probabilities)
             bar.update(1)
 
-    columns = ["slide_id", "case_id", "label", *(f"prob_{c}" for c in classes), "predicted", "n_tiles"]
+    columns = ["slide_id", "case_id", "label", *(f"prob_{c}" for c in classes), "predicted", "n_tiles", "scored_by"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
@@ -253,8 +290,25 @@ def run_predict(
         metrics = bootstrap_metrics(
             np.asarray(y_true), np.stack(y_prob), cfg.metrics.n_bootstrap, cfg.metrics.ci_level, seed=0
         )
-        atomic_write_json(out / "metrics.json", {"classes": classes, "labelled": metrics})
+        labelled_in_sample = [s for s in in_sample if label_of.get(s)]
+        if labelled_in_sample:
+            logger.warning(
+                "IN-SAMPLE metrics: %d of %d labelled slide(s) were scored by models that trained on them "
+                "(--ensemble-all); they say nothing about unseen slides. Use the out-of-fold scores (drop "
+                "--ensemble-all) for any figure you report.", len(labelled_in_sample), len(y_true),
+            )
+        atomic_write_json(
+            out / "metrics.json",
+            {
+                "classes": classes,
+                "scoring": "in_sample" if labelled_in_sample else "out_of_fold",
+                "in_sample_slides": labelled_in_sample,
+                "labelled": metrics,
+            },
+        )
     skipped = {"empty": scan.empty, "non_finite": scan.non_finite}
+    if trained_on:
+        skipped["trained_on"] = trained_on
     atomic_write_json(
         out / "predict.json",
         {
@@ -273,4 +327,9 @@ def run_predict(
             "wsi_mil_version": __version__,
         },
     )
-    return PredictResult(out_dir=out, classes=classes, n_predicted=len(rows), skipped=skipped, metrics=metrics)
+    return PredictResult(
+        out_dir=out, classes=classes, n_predicted=len(rows), skipped=skipped, metrics=metrics,
+        scored_by=dict(Counter(r["scored_by"].split(":")[0] if not r["scored_by"].startswith("in_sample") else "in_sample"
+                               for r in rows)),
+        in_sample=bool(in_sample),
+    )

@@ -6,7 +6,9 @@ Layout (one file per slide):
   ``instance_probabilities`` (N, K) float32, the tile's own class probabilities (shared classifier);
 * attributes ``slide_id``, ``class_names`` and ``bag_probabilities`` (JSON lists), ``predicted_class``,
   ``label`` ("" when unknown), ``model``, ``n_checkpoints``, ``tile_px``, ``mpp`` (tile µm/px),
-  ``footprint_px`` (level-0 tile side), ``slide_mpp``, ``encoder_name``, ``source_feature_file``.
+  ``footprint_px`` (level-0 tile side), ``slide_mpp``, ``encoder_name``, ``source_feature_file`` and
+  ``scored_by`` (``held_out:fold_3``, ``ensemble:5`` or ``in_sample:ensemble:5``: which checkpoints scored the
+  slide, see :mod:`wsi_mil.cohort.scoring`; absent in files of wsi-mil before it existed).
 
 :func:`write_scores` is the one writer (``wsi-mil predict``, tests, benchmarks) and :func:`load_scores` the
 one validating reader (``wsi-mil heatmap``, benchmarks); ``model_name`` (= ``model``) and
@@ -56,6 +58,13 @@ class SlideScores:
     slide_mpp: float | None
     encoder_name: str
     path: Path | None = None
+    #: how the slide was scored: ``held_out:fold_3``, ``ensemble:5``, ``in_sample:ensemble:5`` ("" unknown)
+    scored_by: str = ""
+
+    @property
+    def in_sample(self) -> bool:
+        """True when a model that scored this slide trained on it."""
+        return self.scored_by.startswith("in_sample:")
 
     @property
     def n_tiles(self) -> int:
@@ -216,6 +225,7 @@ def load_scores(path: str | os.PathLike[str]) -> SlideScores:
         slide_mpp=slide_mpp,
         encoder_name=_text(attrs.get("encoder_name", "")),
         path=p,
+        scored_by=_text(attrs.get("scored_by", "")),
     )
 
 
@@ -246,6 +256,7 @@ def write_scores(
     n_checkpoints: int = 1,
     encoder_name: str = "",
     source_feature_file: str = "",
+    scored_by: str = "",
 ) -> Path:
     """Write one slide's score file (the layout above) atomically; the one writer of this format.
 
@@ -274,6 +285,8 @@ def write_scores(
         "source_feature_file": source_feature_file,
         "wsi_mil_version": __version__,
     }
+    if scored_by:
+        attrs["scored_by"] = scored_by
     try:
         with atomic_path(dest, suffix=".h5") as tmp, h5_open(tmp, "w") as fh:
             fh.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
