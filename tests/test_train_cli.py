@@ -123,7 +123,8 @@ def test_train_then_predict_through_the_cli(tmp_path):
     assert result.exit_code == 0, result.output
     rows = _read_csv(out / "predictions.csv")
     assert sorted(r["slide_id"] for r in rows) == new.slide_ids
-    assert list(rows[0]) == ["slide_id", "case_id", "label", "prob_normal", "prob_tumor", "predicted", "n_tiles"]
+    assert list(rows[0]) == ["slide_id", "case_id", "label", "prob_normal", "prob_tumor", "predicted", "n_tiles", "scored_by"]
+    assert {r["scored_by"] for r in rows} == {"ensemble:3"}  # slides the run never saw: the folds' average
     for r in rows:
         with h5py.File(out / "scores" / f"{r['slide_id']}.h5") as f:
             n = int(r["n_tiles"])
@@ -254,3 +255,23 @@ def test_multi_class_on_clam_pt_files_then_predict(tmp_path):
     with h5py.File(tmp_path / "pred" / "scores" / "000.h5") as f:
         assert (f["coords"][:] == -1).all() and f["instance_probabilities"].shape[1] == 3
         assert f.attrs["tile_px"] == -1 and np.isnan(f.attrs["mpp"]) and f.attrs["encoder_name"] == ""
+
+
+def test_classes_on_the_command_line_name_a_label_outside_them(tmp_path):
+    cohort = planted_cohort(tmp_path / "c", n_slides=8, dim=8)
+    lines = cohort.labels_csv.read_text().splitlines()
+    row = lines[3].split(",")
+    row[1] = "metastasis"
+    lines[3] = ",".join(row)
+    cohort.labels_csv.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(
+        train, [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(tmp_path / "r"),
+                "--classes", "normal,tumor", "--epochs", "1"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "line 4: 'metastasis'" in result.output and "['normal', 'tumor']" in result.output
+    # without --classes, the single-case third class is named too
+    result = CliRunner().invoke(
+        train, [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(tmp_path / "r2"), "--epochs", "1"],
+    )
+    assert result.exit_code == 2 and "class 'metastasis' has a single case" in result.output, result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections import Counter
 
 import pytest
@@ -44,7 +45,10 @@ def test_folds_partition_slides_keep_cases_together_and_stratify():
 
 
 def test_too_few_cases_for_the_folds():
-    with pytest.raises(InputError, match="only 3 cases for 5 folds"):
+    with pytest.raises(InputError, match="only 4 cases for 5 folds"):
+        make_splits(["a", "b", "c", "d"], ["a", "b", "c", "d"], [0, 1, 0, 1], n_folds=5)
+    # a class of a single case: no number of folds helps, so the message says that, not "use --folds 2"
+    with pytest.raises(InputError, match="class index 1 has a single case"):
         make_splits(["a", "b", "c"], ["a", "b", "c"], [0, 1, 0], n_folds=5)
 
 
@@ -104,3 +108,23 @@ def test_unusable_slides_are_dropped_and_empty_parts_refused(tmp_path):
     assert folds == [FoldSplit(0, ["a", "b"], [], ["c"])]
     with pytest.raises(InputError, match="fold 0 has 2 training and 0 test slides"):
         read_splits(path, ["a", "b", "c"], {}, usable={"a", "b"})
+
+
+def test_the_folds_advice_works_and_a_cohort_too_small_for_any_fold_says_so():
+    ids = [f"s{i}" for i in range(12)]
+    cases = [f"c{i // 2}" if i < 4 else f"c{i}" for i in range(12)]  # 10 cases
+    labels = [1] * 6 + [0] * 6
+    with pytest.raises(InputError, match=r"use --folds (\d+) \(at most\)") as info:
+        make_splits(ids, cases, labels, n_folds=9)
+    advised = int(re.search(r"--folds (\d+)", str(info.value)).group(1))
+    folds = make_splits(ids, cases, labels, n_folds=advised)  # the advice is advice that works
+    assert len(folds) == advised and sorted(s for f in folds for s in f.test) == sorted(ids)
+    with pytest.raises(InputError, match="can never both train on it and test it"):  # no fold can work
+        make_splits(["a", "b"], ["ca", "cb"], [0, 1], n_folds=2)
+
+
+def test_a_class_with_a_single_case_is_named_with_its_slides():
+    ids = [f"s{i}" for i in range(11)]
+    labels = [0] * 5 + [1] * 5 + [2]
+    with pytest.raises(InputError, match=r"class 'metastasis' has a single case \(slide\(s\) s10\)"):
+        make_splits(ids, ids, labels, n_folds=5, class_names=["normal", "tumor", "metastasis"])

@@ -38,6 +38,7 @@ __all__ = ["predict", "train"]
 @click.option("--seed", type=int, default=None, help="Seed of splits, initialisation and order (default 0).")
 @device_option()
 @label_column_options(case_col_help="Case/patient column (default case_id; absent: one case per slide).")
+@click.option("--classes", default=None, help="Comma-separated classes in class-index order, e.g. normal,tumor: a label outside them is an error naming its line (default: the labels found, sorted).")
 @click.option("--strict", is_flag=True, default=None, help="Unmatched slides and NaN/Inf bags are errors, not warnings.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 def train(
@@ -56,6 +57,7 @@ def train(
     id_col: str | None,
     label_col: str | None,
     case_col: str | None,
+    classes: str | None,
     strict: bool | None,
     overwrite: bool,
 ) -> None:
@@ -80,6 +82,7 @@ def train(
                 "training.device": device,
                 "seed": seed,
                 **label_column_overrides(id_col, label_col, case_col),
+                "labels.classes": None if classes is None else [c.strip() for c in classes.split(",") if c.strip()],
                 "strict": strict,
             },
         )

@@ -67,36 +67,53 @@ def make_splits(
     n_folds: int = 5,
     val_fraction: float = 0.2,
     seed: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> list[FoldSplit]:
     """``n_folds`` case-grouped, label-stratified folds; each training part split again (grouped,
     stratified) so that about ``val_fraction`` of its cases validate.
 
     Raises:
-        InputError: fewer cases than folds.
+        InputError: fewer cases than folds (the message gives a number of folds that works, or says the
+            cohort is too small for any); a class with a single case (named, with its slides: a typo, or a
+            class that cross-validation can never both train on and test).
     """
     ids = np.asarray(list(slide_ids), dtype=object)
     cases = np.asarray(list(case_ids), dtype=object)
     y = np.asarray(list(labels), dtype=np.int64)
     if not len(ids) == len(cases) == len(y):
         raise InputError("slide ids, case ids and labels differ in length")
+
+    def name(cls: int) -> str:
+        return repr(class_names[cls]) if class_names is not None else f"index {cls}"
+
+    for cls in np.unique(y):  # no number of folds helps a class of one case: say so first
+        cls_cases = len(set(cases[y == cls].tolist()))
+        if cls_cases == 1:
+            slides = sorted(ids[y == cls].tolist())
+            raise InputError(
+                f"class {name(int(cls))} has a single case (slide(s) {', '.join(slides[:5])}): cross-validation can "
+                "never both train on it and test it. If the label is a typo, fix it; to refuse labels outside "
+                "the classes you mean, declare them (train --classes a,b or labels.classes in the config)."
+            )
     n_cases = len(set(cases.tolist()))
-    if n_cases < n_folds:
-        raise InputError(
-            f"only {n_cases} cases for {n_folds} folds; use --folds {max(2, n_cases)} or fewer, or add slides."
-        )
     largest_class = int(np.bincount(y).max()) if len(y) else 0
-    if largest_class < n_folds:
-        raise InputError(
-            f"the largest class has only {largest_class} slides for {n_folds} folds; use --folds "
-            f"{max(2, largest_class)} or fewer, or add slides."
-        )
+    workable = min(n_cases, largest_class)  # StratifiedGroupKFold needs both >= folds
+    if workable < n_folds:
+        have = f"{n_cases} case(s), the largest class {largest_class} slide(s)"
+        if workable < 2:
+            raise InputError(
+                f"the cohort is too small for cross-validation ({have}): any k-fold needs at least 2 cases and "
+                "2 slides of one class. Add slides."
+            )
+        raise InputError(f"only {n_cases} cases for {n_folds} folds ({have}); use --folds {workable} (at most), or add slides.")
+
     for cls in np.unique(y):
         cls_cases = len(set(cases[y == cls].tolist()))
         if cls_cases < n_folds:
             logger.warning(
-                "class index %d has only %d cases for %d folds: some test folds will hold none of it "
+                "class %s has only %d cases for %d folds: some test folds will hold none of it "
                 "(per-fold AUC undefined there; the pooled out-of-fold metrics still use every slide).",
-                int(cls),
+                name(int(cls)),
                 cls_cases,
                 n_folds,
             )

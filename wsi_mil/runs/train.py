@@ -265,6 +265,7 @@ def run_train(
             n_folds=cfg.splits.folds,
             val_fraction=cfg.splits.val_fraction,
             seed=cfg.seed,
+            class_names=classes,
         )
     write_splits(out / "splits.csv", folds, case_of, label_of)
     atomic_write_json(out / "classes.json", {"classes": classes, "class_index": class_index})
