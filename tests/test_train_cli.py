@@ -275,3 +275,18 @@ def test_classes_on_the_command_line_name_a_label_outside_them(tmp_path):
         train, [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(tmp_path / "r2"), "--epochs", "1"],
     )
     assert result.exit_code == 2 and "class 'metastasis' has a single case" in result.output, result.output
+
+
+def test_epoch_lines_go_to_the_run_log_not_the_terminal(tmp_path, caplog):
+    cohort = planted_cohort(tmp_path / "c", n_slides=8, dim=8, two_slide_cases=0)
+    config = TrainConfig.model_validate(
+        {"training": {"epochs": 3, "device": "cpu", "early_stopping_patience": None}, "splits": {"folds": 2},
+         "metrics": {"n_bootstrap": 0}, "model": {"hidden_dims": [8]}}
+    )
+    with caplog.at_level(logging.INFO):
+        run_train(cohort.features_dir, cohort.labels_csv, tmp_path / "run", config)
+    epoch_records = [r for r in caplog.records if r.levelno >= logging.INFO and "epoch 1:" in r.getMessage()]
+    assert not epoch_records, [r.getMessage() for r in epoch_records]
+    lines = (tmp_path / "run" / "train.log").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"fold {f} epoch {e}" for f in range(2) for e in range(3)]
+    assert all("train_loss=" in line and "val_loss=" in line for line in lines)

@@ -323,7 +323,7 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 record = self._run_epoch(train, val)
                 self.history.append(record)
-                logger.info(
+                logger.debug(  # one line per epoch: callbacks put it in a progress bar or a file
                     "epoch %d: %s",
                     int(record["epoch"]),
                     ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"),

@@ -50,7 +50,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "run_train"]
 
-_RUN_OUTPUTS = ("config.yaml", "classes.json", "splits.csv", "history.jsonl", "predictions.csv", "metrics.json")
+_RUN_OUTPUTS = (
+    "config.yaml", "classes.json", "splits.csv", "history.jsonl", "train.log", "predictions.csv", "metrics.json"
+)
 
 
 @dataclass
@@ -85,11 +87,13 @@ def _finite_or_none(value: Any) -> Any:
 
 
 class _HistoryWriter(TrainerCallback):
-    """Trainer callback: one JSON line per epoch into ``history.jsonl`` (flushed, so it can be tailed)."""
+    """Trainer callback: one JSON line per epoch into ``history.jsonl`` and one readable line into
+    ``train.log`` (both flushed, so they can be tailed); the terminal gets a progress bar instead."""
 
-    def __init__(self, handle: IO[str], fold: int) -> None:
+    def __init__(self, handle: IO[str], fold: int, log: IO[str] | None = None) -> None:
         self.handle = handle
         self.fold = fold
+        self.log = log
 
     def on_epoch_end(self, trainer: Any, record: dict[str, float]) -> None:
         row: dict[str, Any] = {"fold": self.fold}
@@ -97,6 +101,10 @@ class _HistoryWriter(TrainerCallback):
         row["epoch"] = int(record["epoch"])
         self.handle.write(json.dumps(row) + "\n")
         self.handle.flush()
+        if self.log is not None:
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+            self.log.write(f"fold {self.fold} epoch {int(record['epoch'])}: {terms}\n")
+            self.log.flush()
 
 
 class _ProgressBar(TrainerCallback):
@@ -295,7 +303,8 @@ def run_train(
     oof_probs: list[np.ndarray] = []
     fold_reports: list[dict[str, Any]] = []
     history_path = out / "history.jsonl"
-    with open(history_path, "w", encoding="utf-8") as history:
+    with open(history_path, "w", encoding="utf-8") as history, open(out / "train.log", "w", encoding="utf-8") as log:
+        context.log = log
         for fold in folds:
             report = _train_fold(fold, context, history)
             for key, probs in report.pop("_predictions"):
@@ -366,6 +375,8 @@ class _FoldContext:
     n_tiles: dict[str, int]
     progress: bool | None
     out: Path
+    #: ``train.log`` of the run: every epoch's line (the terminal shows progress bars)
+    log: IO[str] | None = None
 
     def dataset(self, ids: list[str], subsample: bool) -> LazyBagDataset:
         return LazyBagDataset(
@@ -408,7 +419,7 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
     )
     seed_everything(cfg.seed + fold.fold)
     model = create_model(cfg.model.name, ctx.spec.feature_dim, len(classes), **ctx.model_kwargs)
-    callbacks = [_HistoryWriter(history, fold.fold), _ProgressBar(fold.fold, ctx.n_folds, opt.epochs, ctx.progress)]
+    callbacks = [_HistoryWriter(history, fold.fold, ctx.log), _ProgressBar(fold.fold, ctx.n_folds, opt.epochs, ctx.progress)]
     trainer = Trainer(model, trainer_config, callbacks)
     logger.info(
         "fold %d (%d of %d): %d train, %d val, %d test slides",
