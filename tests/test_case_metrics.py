@@ -1,14 +1,21 @@
 """Case-level statistics: the bootstrap resamples cases (all slides of a drawn case), case-level metrics
-average a case's slide probabilities, mixed-label cases are named."""
+average a case's slide probabilities, mixed-label cases are named; train and predict report both levels."""
 
 from __future__ import annotations
 
+import csv
+import json
 import warnings
 
 import numpy as np
 import pytest
+import torch
+import yaml
+from _train_data import planted_cohort
+from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
+from wsi_mil.cli.train import predict, train
 from wsi_mil.cohort.metrics import (
     CASE_PROBABILITY,
     METRIC_NAMES,
@@ -189,3 +196,63 @@ def test_table_counts_cases_in_case_rows_and_says_what_was_resampled():
     assert "intervals resample cases" in table and "mean of the case's slide probabilities; n counts cases" in table
     plain = format_metrics_table([("all", bootstrap_metrics(y, p, n_bootstrap=100))])  # slides resampled, no cases known
     assert "resample cases" not in plain and "case rows" not in plain
+
+
+@pytest.fixture
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("_one_torch_thread")
+def test_train_and_predict_report_slide_and_case_level_metrics(tmp_path):
+    cohort = planted_cohort(tmp_path / "c", n_slides=12, dim=8, shift=4.0)  # (s000, s002), (s004, s006) share cases
+    assert len(set(cohort.cases)) == 10
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"model": {"hidden_dims": [8]}, "metrics": {"n_bootstrap": 200}}))
+    run = tmp_path / "run"
+    fast = ["--epochs", "6", "--lr", "0.005", "--device", "cpu", "--folds", "3", "--config", str(config)]
+    result = CliRunner().invoke(train, [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(run), *fast])
+    assert result.exit_code == 0, result.output
+    assert _row(result.output, "pooled OOF (slides)")[0] == "12" and _row(result.output, "pooled OOF (cases)")[0] == "10"
+    assert "intervals resample cases" in result.output and CASE_PROBABILITY in result.output
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    slides, cases = metrics["pooled_out_of_fold"], metrics["pooled_out_of_fold_cases"]
+    assert slides["resampled"] == "case" and slides["n_slides"] == 12 and slides["n_cases"] == 10
+    assert cases["unit"] == "case" and cases["n_cases"] == 10 and cases["n_slides"] == 12 and sum(cases["class_counts"]) == 10
+    assert metrics["case_level_undefined"] is None
+    assert metrics["statistics"]["bootstrap_unit"] == "case" and metrics["statistics"]["case_probability"] == CASE_PROBABILITY
+    assert all(f["test_cases"]["unit"] == "case" for f in metrics["folds"])
+    assert sum(f["test_cases"]["n_cases"] for f in metrics["folds"]) == 10
+
+    # the case-level numbers are those of the out-of-fold predictions averaged per case
+    with open(run / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    probs = np.asarray([[float(r["prob_normal"]), float(r["prob_tumor"])] for r in rows])
+    labels = np.asarray([["normal", "tumor"].index(r["label"]) for r in rows])
+    ids = sorted({r["case_id"] for r in rows})
+    case_p = np.stack([probs[[r["case_id"] == c for r in rows]].mean(0) for c in ids])
+    case_y = np.asarray([labels[[r["case_id"] for r in rows].index(c)] for c in ids])
+    for name, value in _sklearn(case_y, case_p).items():
+        assert cases[name]["value"] == pytest.approx(value, abs=1e-4)
+
+    # predict --labels: both levels; a table whose case holds a normal and a tumour slide: undefined, named
+    out = tmp_path / "pred"
+    result = CliRunner().invoke(predict, [str(cohort.features_dir), "--checkpoint", str(run), "--out", str(out), "--labels", str(cohort.labels_csv), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert _row(result.output, "labelled (slides)")[0] == "12" and _row(result.output, "labelled (cases)")[0] == "10"
+    predicted = json.loads((out / "metrics.json").read_text())
+    assert predicted["labelled"]["resampled"] == "case" and predicted["labelled_cases"]["n_cases"] == 10
+    assert predicted["statistics"]["bootstrap_unit"] == "case"
+
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("slide_id,label,case_id\n" + "".join(f"{s},{lab},{'P000' if s == 's001' else c}\n" for s, lab, c in zip(cohort.slide_ids, cohort.labels, cohort.cases, strict=True)))
+    result = CliRunner().invoke(predict, [str(cohort.features_dir), "--checkpoint", str(run / "fold_0"), "--out", str(tmp_path / "p2"), "--labels", str(mixed), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "case-level metrics undefined" in result.output and "'P000' (normal, tumor)" in result.output
+    predicted = json.loads((tmp_path / "p2" / "metrics.json").read_text())
+    assert predicted["labelled_cases"] is None and "'P000'" in predicted["case_level_undefined"]
+    assert predicted["labelled"]["n_slides"] == 12 and predicted["labelled"]["n_cases"] == 9

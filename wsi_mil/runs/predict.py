@@ -13,6 +13,8 @@ Outputs in ``OUT``::
                     slide_mpp, encoder_name, source_feature_file (unknown numbers: -1 / NaN, text: "")
     predict.json         checkpoints, classes, counts, skipped slides
     metrics.json         with --labels: metrics with bootstrap CIs over the labelled, predicted slides
+                         ("labelled", the intervals resample cases) and over their cases ("labelled_cases",
+                         a case's probability is the mean of its slides'), and how they were computed
 
 Features that do not fit the checkpoints' feature spec are refused before anything is predicted (R24).
 """
@@ -43,7 +45,7 @@ from wsi_mil.cohort.datasets import (
     spec_differences,
 )
 from wsi_mil.cohort.labels import read_labels
-from wsi_mil.cohort.metrics import bootstrap_metrics, format_metrics_table
+from wsi_mil.cohort.metrics import describe_statistics, format_metrics_table, slide_and_case_metrics
 from wsi_mil.config.train import PredictConfig, resolve_device
 from wsi_mil.errors import CheckpointError, InputError
 from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
@@ -71,6 +73,8 @@ class PredictResult:
     n_predicted: int
     skipped: dict[str, list[str]] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
+    case_metrics: dict[str, Any] | None = None
+    case_level_undefined: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -83,7 +87,10 @@ class PredictResult:
             if ids:
                 lines.append(f"skipped ({reason}): {len(ids)}: {', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}")
         if self.metrics is not None:
-            lines.append(format_metrics_table([("labelled", self.metrics)]))
+            rows = [("labelled (slides)", self.metrics), ("labelled (cases)", self.case_metrics)]
+            lines.append(format_metrics_table(rows))
+            if self.case_level_undefined:
+                lines.append(f"case-level metrics undefined: {self.case_level_undefined}")
         return "\n".join(lines)
 
 
@@ -190,6 +197,7 @@ def run_predict(
     rows: list[dict[str, Any]] = []
     y_true: list[int] = []
     y_prob: list[np.ndarray] = []
+    y_case: list[str] = []
     with progress_bar(total=len(infos), desc="predicting", unit="slide", enable=progress) as bar:
         for info in infos:
             source = info.source
@@ -238,6 +246,7 @@ def run_predict(
             if label:
                 y_true.append(classes.index(label))
                 y_prob.append(scores.bag_probabilities)
+                y_case.append(case_of[source.slide_id])
             bar.update(1)
 
     columns = ["slide_id", "case_id", "label", *(f"prob_{c}" for c in classes), "predicted", "n_tiles"]
@@ -248,12 +257,22 @@ def run_predict(
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(out / "predictions.csv", buf.getvalue())
 
-    metrics = None
+    metrics = cases = undefined = None
     if y_true:
-        metrics = bootstrap_metrics(
-            np.asarray(y_true), np.stack(y_prob), cfg.metrics.n_bootstrap, cfg.metrics.ci_level, seed=0
+        boot = cfg.metrics
+        metrics, cases, undefined = slide_and_case_metrics(
+            np.asarray(y_true), np.stack(y_prob), y_case, boot.n_bootstrap, boot.ci_level, seed=0, classes=classes
         )
-        atomic_write_json(out / "metrics.json", {"classes": classes, "labelled": metrics})
+        atomic_write_json(
+            out / "metrics.json",
+            {
+                "classes": classes,
+                "statistics": describe_statistics(metrics["resampled"], boot.n_bootstrap, boot.ci_level),
+                "labelled": metrics,
+                "labelled_cases": cases,
+                "case_level_undefined": undefined,
+            },
+        )
     skipped = {"empty": scan.empty, "non_finite": scan.non_finite}
     atomic_write_json(
         out / "predict.json",
@@ -273,4 +292,12 @@ def run_predict(
             "wsi_mil_version": __version__,
         },
     )
-    return PredictResult(out_dir=out, classes=classes, n_predicted=len(rows), skipped=skipped, metrics=metrics)
+    return PredictResult(
+        out_dir=out,
+        classes=classes,
+        n_predicted=len(rows),
+        skipped=skipped,
+        metrics=metrics,
+        case_metrics=cases,
+        case_level_undefined=undefined,
+    )
