@@ -63,6 +63,10 @@ class SplitLeakageError(InputError):
     """One case has slides in more than one split."""
 
 
+class MixedCaseLabelError(InputError):
+    """Slides of one case carry different labels, so the case has no single label (case-level metrics)."""
+
+
 # --- outputs and storage --------------------------------------------------------------------------
 class OutputError(WsiMilError, OSError):
     """An output folder or file cannot be written (permissions, disk full, lock failures)."""

@@ -86,7 +86,7 @@ class PipelineResult:
         lines = [
             f"== extract ({self.slides_dir})",
             self.extract_text,
-            "== train: cross-validated, out-of-fold metrics with 95% bootstrap CIs",
+            "== train: cross-validated, out-of-fold metrics of slides and of cases with 95% bootstrap CIs",
             self.train_table,
             "== predict: out of fold (each slide scored by the fold model that held it out)",
             self.predict_table,
@@ -220,6 +220,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool | None = None) -> Pipeli
                     "stage_seconds": result.stage_seconds,
                     "extract": counts,
                     "pooled_out_of_fold": trained.metrics.get("pooled_out_of_fold"),
+                    "pooled_out_of_fold_cases": trained.metrics.get("pooled_out_of_fold_cases"),
                     "metrics_json": str(result.metrics_json),
                     "index_html": str(result.index_html) if result.index_html else None,
                     "exit_code": exit_code,

@@ -13,6 +13,8 @@ Outputs in ``OUT``::
                     slide_mpp, encoder_name, source_feature_file (unknown numbers: -1 / NaN, text: "")
     predict.json         checkpoints, classes, counts, skipped slides
     metrics.json         with --labels: metrics with bootstrap CIs over the labelled, predicted slides
+                         ("labelled", the intervals resample cases) and over their cases ("labelled_cases",
+                         a case's probability is the mean of its slides'), and how they were computed
 
 Features that do not fit the checkpoints' feature spec are refused before anything is predicted (R24).
 """
@@ -44,7 +46,7 @@ from wsi_mil.cohort.datasets import (
     spec_differences,
 )
 from wsi_mil.cohort.labels import read_labels
-from wsi_mil.cohort.metrics import bootstrap_metrics, format_metrics_table
+from wsi_mil.cohort.metrics import describe_statistics, format_metrics_table, slide_and_case_metrics
 from wsi_mil.cohort.scoring import ScoringPlan
 from wsi_mil.config.train import PredictConfig, resolve_device
 from wsi_mil.errors import CheckpointError, InputError
@@ -73,6 +75,8 @@ class PredictResult:
     n_predicted: int
     skipped: dict[str, list[str]] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
+    case_metrics: dict[str, Any] | None = None
+    case_level_undefined: str | None = None
     #: slides per kind of scorer: ``held_out``, ``ensemble`` (of checkpoints that never saw it), ``in_sample``
     scored_by: dict[str, int] = field(default_factory=dict)
     #: True when some slide was scored by a model that trained on it (``ensemble_all``)
@@ -94,7 +98,10 @@ class PredictResult:
                 )
         if self.metrics is not None:
             name = "IN-SAMPLE (trained on)" if self.in_sample else "out of fold"
-            lines.append(format_metrics_table([(name, self.metrics)]))
+            rows = [(f"{name} (slides)", self.metrics), (f"{name} (cases)", self.case_metrics)]
+            lines.append(format_metrics_table(rows))
+            if self.case_level_undefined:
+                lines.append(f"case-level metrics undefined: {self.case_level_undefined}")
         return "\n".join(lines)
 
 
@@ -218,6 +225,7 @@ def run_predict(
     in_sample: list[str] = []
     y_true: list[int] = []
     y_prob: list[np.ndarray] = []
+    y_case: list[str] = []
     with progress_bar(total=len(infos), desc="predicting", unit="slide", enable=progress) as bar:
         for info in infos:
             source = info.source
@@ -275,6 +283,7 @@ def run_predict(
             if label:
                 y_true.append(classes.index(label))
                 y_prob.append(scores.bag_probabilities)
+                y_case.append(case_of[source.slide_id])
             bar.update(1)
 
     columns = ["slide_id", "case_id", "label", *(f"prob_{c}" for c in classes), "predicted", "n_tiles", "scored_by"]
@@ -285,10 +294,11 @@ def run_predict(
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(out / "predictions.csv", buf.getvalue())
 
-    metrics = None
+    metrics = cases = undefined = None
     if y_true:
-        metrics = bootstrap_metrics(
-            np.asarray(y_true), np.stack(y_prob), cfg.metrics.n_bootstrap, cfg.metrics.ci_level, seed=0
+        boot = cfg.metrics
+        metrics, cases, undefined = slide_and_case_metrics(
+            np.asarray(y_true), np.stack(y_prob), y_case, boot.n_bootstrap, boot.ci_level, seed=0, classes=classes
         )
         labelled_in_sample = [s for s in in_sample if label_of.get(s)]
         if labelled_in_sample:
@@ -303,7 +313,10 @@ def run_predict(
                 "classes": classes,
                 "scoring": "in_sample" if labelled_in_sample else "out_of_fold",
                 "in_sample_slides": labelled_in_sample,
+                "statistics": describe_statistics(metrics["resampled"], boot.n_bootstrap, boot.ci_level),
                 "labelled": metrics,
+                "labelled_cases": cases,
+                "case_level_undefined": undefined,
             },
         )
     skipped = {"empty": scan.empty, "non_finite": scan.non_finite}
@@ -328,7 +341,13 @@ def run_predict(
         },
     )
     return PredictResult(
-        out_dir=out, classes=classes, n_predicted=len(rows), skipped=skipped, metrics=metrics,
+        out_dir=out,
+        classes=classes,
+        n_predicted=len(rows),
+        skipped=skipped,
+        metrics=metrics,
+        case_metrics=cases,
+        case_level_undefined=undefined,
         scored_by=dict(Counter(r["scored_by"].split(":")[0] if not r["scored_by"].startswith("in_sample") else "in_sample"
                                for r in rows)),
         in_sample=bool(in_sample),

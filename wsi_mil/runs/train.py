@@ -8,7 +8,9 @@ Outputs in the run folder ``RUN``::
     history.jsonl      one JSON object per fold and epoch: every loss term, validation metrics, timing
     fold_<k>/          model.safetensors + model.json (best validation epoch of fold k)
     predictions.csv    out-of-fold: slide_id,case_id,label,prob_<class>...,predicted,fold
-    metrics.json       per fold and pooled out-of-fold metrics with bootstrap CIs, cohort report
+    metrics.json       per fold and pooled out-of-fold metrics with bootstrap CIs, slide- and case-level
+                       (a case's probability is the mean of its slides'; the intervals resample cases),
+                       how they were computed ("statistics"), cohort report
 
 Selection is honest: the best epoch of a fold is chosen on its validation part only; its test part is
 predicted once, by the restored best model.
@@ -36,7 +38,12 @@ import numpy as np
 from wsi_mil import __version__
 from wsi_mil.cohort.datasets import LazyBagDataset, cohort_spec, discover_features, scan_bags
 from wsi_mil.cohort.labels import LabelTable, read_labels
-from wsi_mil.cohort.metrics import METRIC_NAMES, bootstrap_metrics, format_metrics_table
+from wsi_mil.cohort.metrics import (
+    METRIC_NAMES,
+    describe_statistics,
+    format_metrics_table,
+    slide_and_case_metrics,
+)
 from wsi_mil.cohort.splits import FoldSplit, make_splits, read_splits, write_splits
 from wsi_mil.config import write_config
 from wsi_mil.config.train import TrainConfig, resolve_device
@@ -65,10 +72,15 @@ class TrainResult:
     fold_summaries: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        """Per-fold and pooled out-of-fold metrics, value [95% CI], as plain text."""
-        rows = [(f"fold {f['fold']}", f["test"]) for f in self.metrics["folds"]]
-        rows.append(("pooled OOF", self.metrics["pooled_out_of_fold"]))
+        """Per-fold and pooled out-of-fold metrics of slides and of cases, value [95% CI], as plain text."""
+        rows: list[tuple[str, dict[str, Any] | None]] = []
+        for f in self.metrics["folds"]:
+            rows += [(f"fold {f['fold']} (slides)", f["test"]), (f"fold {f['fold']} (cases)", f.get("test_cases"))]
+        rows.append(("pooled OOF (slides)", self.metrics["pooled_out_of_fold"]))
+        rows.append(("pooled OOF (cases)", self.metrics.get("pooled_out_of_fold_cases")))
         text = format_metrics_table(rows)
+        if self.metrics.get("case_level_undefined"):
+            text += "\ncase-level metrics undefined: " + self.metrics["case_level_undefined"]
         mean = self.metrics.get("fold_mean", {})
         parts = [
             f"{name} {m['mean']:.3f} ± {m['std']:.3f}"
@@ -292,6 +304,7 @@ def run_train(
         spec=spec,
         classes=classes,
         class_of={s: class_index[label_of[s]] for s in usable},
+        case_of=case_of,
         sources={s: infos[s].source for s in usable},
         n_tiles=n_tiles,
         progress=progress,
@@ -323,14 +336,23 @@ def run_train(
             fold_reports.append(report)
 
     boot = cfg.metrics
-    pooled = bootstrap_metrics(
-        np.asarray(oof_labels), np.stack(oof_probs), boot.n_bootstrap, boot.ci_level, seed=cfg.seed
+    pooled, pooled_cases, case_undefined = slide_and_case_metrics(
+        np.asarray(oof_labels),
+        np.stack(oof_probs),
+        [row["case_id"] for row in oof_rows],
+        boot.n_bootstrap,
+        boot.ci_level,
+        seed=cfg.seed,
+        classes=classes,
     )
     metrics: dict[str, Any] = {
         "classes": classes,
         "positive_class": classes[1] if len(classes) == 2 else None,
         "auc_definition": "binary: of the positive class (index 1); multi-class: macro one-vs-rest",
+        "statistics": describe_statistics(pooled["resampled"], boot.n_bootstrap, boot.ci_level),
         "pooled_out_of_fold": pooled,
+        "pooled_out_of_fold_cases": pooled_cases,
+        "case_level_undefined": case_undefined,
         "fold_mean": _summary_stats([f["test"] for f in fold_reports]),
         "folds": fold_reports,
         "cohort": {
@@ -371,6 +393,7 @@ class _FoldContext:
     spec: FeatureSpec
     classes: list[str]
     class_of: dict[str, int]
+    case_of: dict[str, str]
     sources: dict[str, Any]
     n_tiles: dict[str, int]
     progress: bool | None
@@ -449,7 +472,15 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
     labels = np.asarray([ctx.class_of[p.key] for p in predictions])
     probs = np.stack([p.bag_probabilities for p in predictions])
     boot = cfg.metrics
-    test_metrics = bootstrap_metrics(labels, probs, boot.n_bootstrap, boot.ci_level, seed=cfg.seed + fold.fold)
+    test_metrics, test_cases, _ = slide_and_case_metrics(  # undefined cases: reported for the pooled OOF
+        labels,
+        probs,
+        [ctx.case_of[p.key] for p in predictions],
+        boot.n_bootstrap,
+        boot.ci_level,
+        seed=cfg.seed + fold.fold,
+        classes=classes,
+    )
     logger.info(
         "fold %d: best epoch %s (%s=%s), test AUC %s",
         fold.fold,
@@ -464,6 +495,7 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
         "fit_seconds": round(fit_seconds, 2),
         "checkpoint": f"fold_{fold.fold}/model.json",
         "test": test_metrics,
+        "test_cases": test_cases,
         "_predictions": [(p.key, p.bag_probabilities) for p in predictions],
     }
 
