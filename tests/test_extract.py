@@ -35,7 +35,7 @@ from wsi_mil.errors import DuplicateSlideIdError, OutputConflictError, OutputErr
 from wsi_mil.features.encoders import create_encoder
 from wsi_mil.runs import extract as extract_mod
 from wsi_mil.runs.extract import RANDOM_INIT_SEED, run_extract
-from wsi_mil.slide import open_slide
+from wsi_mil.slide import Slide, choose_reader, open_slide
 from wsi_mil.store.bag_file import BagWriter
 
 pytest_plugins = ("extract_fixtures",)  # cohort, reference, one_torch_thread
@@ -441,19 +441,19 @@ def test_reader_choice(cohort: list[Path], monkeypatch) -> None:
     """tiffslide reads TIFF/SVS slides only when it sees the same pyramid and decodes the same pixels."""
     with open_slide(cohort[1]) as slide:  # .svs, OpenSlide by default
         assert slide.backend_name == "openslide"
-        chosen = extract_mod.choose_reader(slide, "auto")
+        chosen = choose_reader(slide, "auto")
         assert chosen.backend_name == "tiffslide" and chosen.mpp == slide.mpp
         assert chosen.mpp_source == slide.mpp_source == "metadata"
         chosen.close()
-        assert extract_mod.choose_reader(slide, "openslide") is slide
-        real = extract_mod.Slide.read_region
+        assert choose_reader(slide, "openslide") is slide
+        real = Slide.read_region
 
         def off_by_one(self, *a, **k):  # another decoder: one grey level apart
             out = real(self, *a, **k)
             return out + 1 if self.backend_name == "tiffslide" else out
 
-        monkeypatch.setattr(extract_mod.Slide, "read_region", off_by_one)
-        assert extract_mod.choose_reader(slide, "auto") is slide
+        monkeypatch.setattr(Slide, "read_region", off_by_one)
+        assert choose_reader(slide, "auto") is slide
 
 
 def test_interrupt_before_the_batch_exits_130(cohort: list[Path], tmp_path: Path, monkeypatch) -> None:

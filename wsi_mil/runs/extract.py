@@ -38,7 +38,7 @@ from wsi_mil.config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load
 from wsi_mil.errors import ConfigError, OutputConflictError, SlideReadError
 from wsi_mil.runs.slide_loop import BatchSummary, run_batch
 from wsi_mil.runs.tiles import SlideOpener, prepare_slide
-from wsi_mil.slide import Slide, SlideLimits, open_slide, reader_versions
+from wsi_mil.slide import Slide, SlideLimits, choose_reader, open_slide, reader_versions
 from wsi_mil.store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
 from wsi_mil.store.bag_file import BagWriter, bag_is_complete
 
@@ -308,55 +308,6 @@ class _Prepared:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
-
-
-#: suffixes of the TIFF-based formats tiffslide reads
-_TIFFSLIDE_SUFFIXES = (".svs", ".tif", ".tiff")
-
-
-def choose_reader(slide: Slide, requested: str) -> Slide:
-    """The slide object to read this slide with: with ``backend: auto``, tiffslide where it reads the same.
-
-    tiffslide decodes TIFF/SVS JPEG tiles straight to RGB; OpenSlide returns premultiplied RGBA that
-    is then composited. Measured here, tiffslide reads a tile in a third to a half of OpenSlide's time
-    and a whole pyramid level (the QC thumbnail) in a third, which matters on a CPU where reading
-    competes with the model. It is used only for TIFF and SVS files on which it sees the same pyramid
-    and decodes a region of the coarsest level and a level-0 tile at the centre pixel-identically;
-    otherwise, and whenever a backend was chosen explicitly, ``slide`` itself is returned. The caller
-    closes a returned slide that is not ``slide``.
-    """
-    if requested != "auto" or slide.backend_name == "tiffslide" or slide.path.suffix.lower() not in _TIFFSLIDE_SUFFIXES:
-        return slide
-    try:
-        other = open_slide(slide.path, backend="tiffslide", mpp=slide.mpp, limits=slide.limits)
-    except Exception as exc:  # any refusal means: keep the slide's own reader
-        logger.debug("%s: tiffslide cannot read it (%s); OpenSlide reads it", slide.slide_id, exc)
-        return slide
-    try:
-        same_pyramid = other.level_dimensions == slide.level_dimensions and all(
-            abs(a - b) <= 1e-6 * a for a, b in zip(other.level_downsamples, slide.level_downsamples, strict=True)
-        )
-        if same_pyramid:
-            w0, h0 = slide.dimensions
-            top = slide.level_count - 1
-            tw, th = slide.level_dimensions[top]
-            size = (min(tw, 512), min(th, 512))
-            ds = slide.level_downsamples[top]
-            probes = [
-                (round((tw - size[0]) / 2 * ds), round((th - size[1]) / 2 * ds), top, size),
-                (max(0, w0 // 2 - 128), max(0, h0 // 2 - 128), 0, (256, 256)),
-            ]
-            if all(
-                np.array_equal(other.read_region((x, y), lv, sz), slide.read_region((x, y), lv, sz))
-                for x, y, lv, sz in probes
-            ):
-                other.mpp_source = slide.mpp_source
-                return other
-            logger.info("%s: the backends decode it differently; OpenSlide reads it", slide.slide_id)
-    except Exception as exc:
-        logger.debug("%s: comparing the backends failed (%s); OpenSlide reads it", slide.slide_id, exc)
-    other.close()
-    return slide
 
 
 # --- the run --------------------------------------------------------------------------------------------
