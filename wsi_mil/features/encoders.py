@@ -21,19 +21,19 @@ packaged weights, then the hub (local cache first; offline or unreachable -> one
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from wsi_mil.errors import ConfigError, WeightsError
+from wsi_mil.features.runtime import Precision, autocast_context, resolve_device
 from wsi_mil.features.weights import (
     EFFICIENTNET_LITE0_PACKAGE,
     convert_efficientnet_lite0_state_dict,
@@ -50,17 +50,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Encoder",
     "EncoderSpec",
-    "Precision",
     "TileTransform",
-    "autocast_context",
     "create_encoder",
     "encoder_identity",
     "list_encoders",
     "load_efficientnet_lite0",
-    "resolve_device",
 ]
 
-Precision = Literal["fp32", "bf16", "fp16"]
 RANDOM_WEIGHTS = "random"
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -122,30 +118,6 @@ def _spec_for(name: str) -> EncoderSpec:
             "(see timm.list_models(pretrained=True)), or 'hf-hub:ORG/REPO' for a timm model on the hub."
         )
     return EncoderSpec(name=name, timm_name=name)
-
-
-# --- devices and precision --------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "cpu") -> torch.device:
-    """``"auto"`` -> first CUDA device when available, else CPU; anything else as torch understands it."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"Invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {device!r} requested but CUDA is not available; use --device cpu.")
-    return dev
-
-
-def autocast_context(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for ``bf16``/``fp16`` on ``device``; a no-op context for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ConfigError(f"Unknown precision {precision!r}: use fp32, bf16 or fp16.")
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
 # --- preprocessing ----------------------------------------------------------------------------------------
