@@ -1,6 +1,6 @@
-"""Feature extraction: the encoder registry and preprocessing (``encoders``), their weights
-(``weights``), the tile stream (``stream``) and the device, precision and thread policy
-(``runtime``). The extraction run itself is :mod:`wsi_mil.runs.extract`.
+"""Feature extraction: the encoder registry (``encoders``), their weights (``weights``), tile
+preprocessing (``transforms``), the tile stream (``stream``) and the device, precision and thread
+policy (``runtime``). The extraction run itself is :mod:`wsi_mil.runs.extract`.
 
 Importing this package is cheap: torch and timm load on first use of an attribute below.
 """
@@ -14,18 +14,18 @@ if TYPE_CHECKING:
     from wsi_mil.features.encoders import (
         Encoder,
         EncoderSpec,
-        TileTransform,
         create_encoder,
         encoder_identity,
         list_encoders,
         load_efficientnet_lite0,
     )
     from wsi_mil.features.runtime import autocast_context, resolve_device, resolve_precision
+    from wsi_mil.features.transforms import TileTransform
 
 _LAZY = {
     "Encoder": "wsi_mil.features.encoders",
     "EncoderSpec": "wsi_mil.features.encoders",
-    "TileTransform": "wsi_mil.features.encoders",
+    "TileTransform": "wsi_mil.features.transforms",
     "autocast_context": "wsi_mil.features.runtime",
     "create_encoder": "wsi_mil.features.encoders",
     "encoder_identity": "wsi_mil.features.encoders",
