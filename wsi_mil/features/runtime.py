@@ -1,4 +1,4 @@
-"""Where and how extraction runs: the device, the precision policy, CPU threads, the tile loader, the batch size.
+"""Where and how extraction runs: the device, the precision policy, CPU threads, tile loading, batch size.
 
 :func:`resolve_precision` is the precision policy, the one function that decides it (``auto`` by
 device, CPU and encoder); :func:`autocast_context` applies the precision it chose. Threads follow

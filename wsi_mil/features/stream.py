@@ -278,7 +278,9 @@ def model_batches(n: int, batch_size: int) -> list[int]:
     return [batch_size] * full + [1 << b for b in range(rest.bit_length() - 1, -1, -1) if rest & (1 << b)]
 
 
-def tile_loader(dataset: TileBatches, n_workers: int, batch_size: int, pin: bool) -> Iterable[dict[str, Any]]:
+def tile_loader(
+    dataset: TileBatches, n_workers: int, batch_size: int, pin: bool
+) -> Iterable[dict[str, Any]]:
     """The batches of ``dataset``, ``batch_size`` tiles each, read in this thread (``n_workers=0``) or
     by ``n_workers`` loader processes (a :class:`~torch.utils.data.DataLoader`, pinned with ``pin``)."""
     if n_workers == 0:
