@@ -67,7 +67,8 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from wsi_mil.features.encoders import autocast_context, create_encoder
+    from wsi_mil.features.encoders import create_encoder
+    from wsi_mil.features.runtime import autocast_context
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -68,8 +68,9 @@ def _encoder_alone(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from wsi_mil.features.encoders import autocast_context, create_encoder
-    from wsi_mil.runs.extract import RANDOM_INIT_SEED, resolve_precision
+    from wsi_mil.features.encoders import create_encoder
+    from wsi_mil.features.runtime import autocast_context, resolve_precision
+    from wsi_mil.runs.extract import RANDOM_INIT_SEED
 
     setting = SETTINGS[args.child_encoder]
     torch.set_num_threads(args.threads)

