@@ -210,13 +210,8 @@ def load_checked_state_dict(
         def few(xs: list[str]) -> str:
             return ", ".join(xs[:5]) + (f" ... (+{len(xs) - 5})" if len(xs) > 5 else "")
 
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches ({few(mismatched)})")
+        kinds = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        parts = [f"{len(keys)} {kind} ({few(keys)})" for kind, keys in kinds if keys]
         raise WeightsError(
             f"Weights in {source} do not fit encoder {name!r}: {'; '.join(parts)}. Pass a state dict of "
             "this architecture (keys as in timm; 'module.' prefixes and 'state_dict'/'model' nesting are "

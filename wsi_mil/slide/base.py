@@ -69,8 +69,12 @@ class Slide(ABC):
     @abstractmethod
     def _open_handle(self) -> None: ...
 
-    @abstractmethod
-    def _close_handle(self) -> None: ...
+    def _close_handle(self) -> None:
+        """Close the backend handle (both backends' handles have ``close()``)."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+            self._handle = None
 
     @abstractmethod
     def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
@@ -131,12 +135,10 @@ class Slide(ABC):
         w0, h0 = self.level_dimensions[0] if self.level_dimensions else (0, 0)
         if w0 <= 0 or h0 <= 0:
             raise SlideOpenError(f"{self.path}: the slide has no pixels (level 0 is {w0}x{h0}).")
-        if w0 * h0 > self.limits.max_slide_px:
-            raise SlideTooLargeError(
-                f"{self.path}: level 0 is {w0} x {h0} px ({w0 * h0:.3g} px), over the slide budget of "
-                f"{self.limits.max_slide_px:.3g} px. The header is probably corrupt; if the slide is real, "
-                "raise the budget with `--max-slide-px`."
-            )
+        _check_budget(
+            w0, h0, self.limits.max_slide_px, f"{self.path}: level 0 is", ", over the slide budget",
+            "The header is probably corrupt; if the slide is real, raise the budget with `--max-slide-px`.",
+        )
         previous = (w0, h0)
         for level, (w, h) in enumerate(self.level_dimensions[1:], start=1):
             ds = self.level_downsamples[level]
@@ -170,12 +172,10 @@ class Slide(ABC):
     def _check_read_budget(self, w: int, h: int, what: str) -> None:
         if w <= 0 or h <= 0:
             raise SlideReadError(f"{self.path}: {what} of {w}x{h} px is empty.")
-        if w * h > self.limits.max_read_px:
-            raise SlideTooLargeError(
-                f"{self.path}: {what} of {w} x {h} px ({w * h:.3g} px) is over the read budget of "
-                f"{self.limits.max_read_px:.3g} px. Read a coarser level or a smaller region, or raise "
-                "`max_read_px`."
-            )
+        _check_budget(
+            w, h, self.limits.max_read_px, f"{self.path}: {what} of", " is over the read budget",
+            "Read a coarser level or a smaller region, or raise `max_read_px`.",
+        )
 
     def read_region(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of ``size_px=(w, h)`` pixels at ``level``, top-left at level-0 ``location_px``.
@@ -397,3 +397,9 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     a = alpha.astype(np.uint16)
     out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
     return out.astype(np.uint8)
+
+
+def _check_budget(w: int, h: int, budget_px: int, what: str, over: str, advice: str) -> None:
+    """:class:`SlideTooLargeError` before any allocation when ``w x h`` pixels exceed ``budget_px``."""
+    if w * h > budget_px:
+        raise SlideTooLargeError(f"{what} {w} x {h} px ({w * h:.3g} px){over} of {budget_px:.3g} px. {advice}")

@@ -38,11 +38,6 @@ class OpenSlideSlide(Slide):
         except (openslide.OpenSlideError, OSError) as exc:
             raise SlideOpenError(f"OpenSlide could not open {self.path}: {exc}") from exc
 
-    def _close_handle(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
     def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         return np.asarray(self._handle.read_region(location_px, level, size_px))
 
@@ -70,11 +65,6 @@ class TiffSlideSlide(Slide):
             self._handle = tiffslide.TiffSlide(str(self.path))
         except Exception as exc:  # tiffslide raises tifffile/zarr/ValueError variants
             raise SlideOpenError(f"tiffslide could not open {self.path}: {type(exc).__name__}: {exc}") from exc
-
-    def _close_handle(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
 
     def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         return np.asarray(self._handle.read_region(location_px, level, size_px, as_array=True, padding=False))
