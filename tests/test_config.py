@@ -9,16 +9,66 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi_mil.config import EXTRACT_HASH_FIELDS, ExtractConfig, TilesConfig, config_hash, load_config
+from wsi_mil.config import (
+    EXTRACT_HASH_FIELDS,
+    ExtractConfig,
+    TilesConfig,
+    config_hash,
+    load_config,
+    validate_config,
+)
+from wsi_mil.config.train import PredictConfig, TrainConfig
 from wsi_mil.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name,model", [("tiles", TilesConfig), ("extract", ExtractConfig)])
+@pytest.mark.parametrize(
+    "name,model", [("tiles", TilesConfig), ("extract", ExtractConfig), ("train", TrainConfig), ("predict", PredictConfig)]
+)
 def test_shipped_defaults_match_models(name, model):
     cfg = load_config(model, ROOT / "configs" / f"{name}.yaml")
     assert cfg == model()
+
+
+OBJECTIVE_KEYS = ("recall_weight", "consistency_max", "rampup_epochs", "ema_beta")
+
+
+def test_train_yaml_states_the_objective_defaults_of_their_one_source():
+    """The keys are null (the model's default) and their comments give ObjectiveSettings' numbers."""
+    from dataclasses import asdict
+
+    from wsi_mil.mil import ObjectiveSettings
+
+    text = (ROOT / "configs" / "train.yaml").read_text()
+    training = yaml.safe_load(text)["training"]
+    defaults = asdict(ObjectiveSettings())
+    assert set(defaults) == set(OBJECTIVE_KEYS)
+    for key, value in defaults.items():
+        assert training[key] is None
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"{key}:"))
+        stated = line.split("default")[-1].strip()
+        assert float(stated) == value, f"configs/train.yaml says {key} defaults to {stated}, the code {value}"
+
+
+@pytest.mark.parametrize("model", ["abmil", "mean", "max"])
+@pytest.mark.parametrize("key,value", [("recall_weight", 0.3), ("consistency_max", 1.0), ("rampup_epochs", 5), ("ema_beta", 0.5)])
+def test_objective_settings_are_refused_for_models_other_than_loss_attention(model, key, value, tmp_path):
+    p = tmp_path / "train.yaml"
+    p.write_text(yaml.safe_dump({"model": {"name": model}, "training": {key: value}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, p)
+    message = str(info.value)
+    assert f"training.{key} is an option of loss_attention only; model '{model}'" in message
+    assert "remove the key" in message
+    # the same file is fine for loss_attention, and the model alone is fine without the key
+    assert getattr(load_config(TrainConfig, p, {"model.name": "loss_attention"}).training, key) == value
+    assert getattr(load_config(TrainConfig, None, {"model.name": model}).training, key) is None
+    # the pipeline's train section is validated the same way
+    from wsi_mil.runs.pipeline import PipelineConfig
+
+    with pytest.raises(ConfigError, match=f"training.{key} is an option of loss_attention only; model '{model}'"):
+        validate_config(PipelineConfig, {"train": {"model": {"name": model}, "training": {key: value}}})
 
 
 def test_unknown_key_is_named(tmp_path):

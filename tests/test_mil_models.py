@@ -174,6 +174,64 @@ def test_huge_bag_with_extreme_logits_is_finite_in_float32_and_bf16_autocast() -
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def _bag_with_logits_up_to_80(hidden_dims: tuple[int, ...]) -> tuple[LossAttentionMIL, torch.Tensor]:
+    """500 tiles along one direction with scores in [-1, 1], ten of them near the top, and the classifier
+    scaled so the largest |logit| is 80: the attention is shared by a few tiles, where rounding shows."""
+    torch.manual_seed(0)
+    model = LossAttentionMIL(in_dim=32, n_classes=2, hidden_dims=hidden_dims, dropout=0.0).eval()
+    g = torch.Generator().manual_seed(1)
+    score = torch.cat([1 - 0.01 * torch.arange(10.0), torch.rand(490, generator=g) * 1.8 - 1])
+    x = 2 * score[:, None] * torch.randn(32, generator=g) + 0.05 * torch.randn(500, 32, generator=g)
+    with torch.no_grad():
+        scale = 80.0 / float(model(x).instance_logits.abs().max())
+        model.classifier.weight.mul_(scale)
+        model.classifier.bias.mul_(scale)
+    return model, x
+
+
+def _attention_of(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(torch.logsumexp(logits.float(), dim=-1), dim=-1)
+
+
+def test_attention_under_bf16_autocast_matches_float32_within_1e_3_for_logits_up_to_80() -> None:
+    model, x = _bag_with_logits_up_to_80(hidden_dims=())  # no MLP: the features are the embeddings
+    with torch.no_grad():
+        out32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16 = model(x)
+            old_logits = model.classifier(x)  # the old way: the shared classifier in bf16, upcast after
+    assert 79.9 < float(out32.instance_logits.abs().max()) <= 80.001
+    assert float(out32.attention.max()) < 0.5  # several tiles share the attention
+    assert old_logits.dtype == torch.bfloat16
+    assert out16.instance_logits.dtype == torch.float32 and out16.attention.dtype == torch.float32
+    assert float((out16.attention - out32.attention).abs().max()) <= 1e-3
+    assert float((out16.bag_logits - out32.bag_logits).abs().max()) <= 1e-3
+    # the old way misses the bound by far: bf16 knows a logit near 80 only to +-0.25
+    assert float((_attention_of(old_logits) - out32.attention).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("name,kwargs", ALL_MODELS)
+def test_under_bf16_autocast_only_the_mlp_runs_in_bf16(name: str, kwargs: dict) -> None:
+    """The classifier (and abmil's score layer) sees the bf16 embeddings cast to float32 and runs in float32."""
+    if name == "loss_attention":
+        model, x = _bag_with_logits_up_to_80(hidden_dims=(64,))
+    else:
+        torch.manual_seed(0)
+        model = create_model(name, in_dim=32, n_classes=2, hidden_dims=(64,), dropout=0.0, **kwargs).eval()
+        x = torch.randn(300, 32, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model(x)
+        embeddings = model.mlp(x)
+    assert embeddings.dtype == torch.bfloat16  # the MLP does run in bf16
+    with torch.no_grad():
+        logits = model.classifier(embeddings.float())  # float32, autocast off
+    assert out16.instance_logits.dtype == torch.float32
+    torch.testing.assert_close(out16.instance_logits, logits, rtol=1e-6, atol=1e-5)
+    if name == "loss_attention":
+        assert float((out16.attention - _attention_of(logits)).abs().max()) <= 1e-6
+        torch.testing.assert_close(out16.bag_logits, out16.attention @ logits, rtol=1e-6, atol=1e-4)
+
+
 def test_gradient_reaches_the_instance_mlp_through_attention_alone() -> None:
     torch.manual_seed(0)
     model = LossAttentionMIL(in_dim=6, n_classes=3, hidden_dims=(10,), dropout=0.0)

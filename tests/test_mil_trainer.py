@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import copy
 import io
+import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from wsi_mil.errors import CheckpointError, ConfigError
 from wsi_mil.mil import (
+    BAG_CE_ONLY,
     Bag,
     InMemoryBagDataset,
+    ObjectiveSettings,
     Trainer,
     TrainerCallback,
     TrainerConfig,
@@ -62,7 +67,8 @@ def _params(model: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", ["loss_attention", "abmil"])
 def test_learns_a_trivially_separable_planted_problem(name: str) -> None:
     train, val = planted_bags(40, seed=1), planted_bags(30, seed=2)
-    trainer = Trainer(_model(name), TrainerConfig(epochs=12, lr=2e-3, weight_decay=1e-4, recall_weight=0.5))
+    objective = {"recall_weight": 0.5, "consistency_max": 0.0} if name == "loss_attention" else {}
+    trainer = Trainer(_model(name), TrainerConfig(epochs=12, lr=2e-3, weight_decay=1e-4, **objective))
     before = trainer.evaluate(val)
     result = trainer.fit(train)
     after = trainer.evaluate(val)
@@ -234,7 +240,7 @@ def test_resume_from_state_dict_continues_identically() -> None:
     assert resumed.epoch == 4 and len(resumed.history) == 4
     for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    other = Trainer(create_model("mean", in_dim=D, n_classes=2), config)
+    other = Trainer(create_model("mean", in_dim=D, n_classes=2), TrainerConfig(epochs=4, lr=1e-3))
     with pytest.raises(CheckpointError):
         other.load_state_dict(first.state_dict())
 
@@ -282,3 +288,86 @@ def test_dataloader_workers_give_the_same_training() -> None:
         runs.append(_params(trainer.model))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_default_objective_is_loss_attentions_one_source_and_only_loss_attentions() -> None:
+    default = Trainer(_model(), TrainerConfig()).objective
+    assert default == ObjectiveSettings() and default.uses_ensemble
+    assert Trainer(_model(), TrainerConfig(recall_weight=0.3)).objective == ObjectiveSettings(recall_weight=0.3)
+    for name in ("abmil", "mean", "max"):
+        trainer = Trainer(_model(name), TrainerConfig())
+        assert trainer.objective == BAG_CE_ONLY and not trainer.objective.uses_ensemble
+        assert trainer.objective.recall_weight == 0.0 and trainer.ensemble.omega_max == 0.0
+    for key, value in (("recall_weight", 0.3), ("consistency_max", 1.0), ("rampup_epochs", 3), ("ema_beta", 0.5)):
+        with pytest.raises(ConfigError, match=f"^{key} is an option of loss_attention only; model 'abmil'"):
+            Trainer(_model("abmil"), TrainerConfig(**{key: value}))
+    with pytest.raises(ConfigError, match="recall_weight"):
+        TrainerConfig(recall_weight=-0.1)  # ranges are checked for every model
+
+
+def test_default_objective_trains_exactly_as_loss_attention_written_out_by_hand() -> None:
+    """TrainerConfig() with no objective setting: lambda 0.5, omega_max 5 ramped over 10 epochs, beta 0.6, each
+    term and the bias-corrected temporal ensemble computed here from shared/method.md (the numbers
+    `wsi-mil train` has used; the library's defaults were lambda 0.1, omega 0 before)."""
+    lam, omega_max, ramp, beta = 0.5, 5.0, 10, 0.6
+    train = planted_bags(6, seed=17)
+    epochs = 4
+    model = _model()
+    reference = copy.deepcopy(model)
+    history = Trainer(model, TrainerConfig(epochs=epochs, lr=1e-3)).fit(train).history
+
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, weight_decay=1e-5)  # TrainerConfig's
+    order = torch.Generator().manual_seed(0)  # the trainer's bag order (seed 0)
+    ema: dict[str, torch.Tensor] = {}
+    for m in range(epochs):
+        omega = 0.0 if m == 0 else omega_max * math.exp(-5 * (1 - min(m, ramp) / ramp) ** 2)
+        staged, total, consistency = {}, 0.0, 0.0
+        for i in torch.randperm(len(train), generator=order).tolist():
+            bag = train[i]
+            label = torch.tensor([bag.label])
+            z = reference.classifier(reference.mlp(bag.features))
+            alpha = torch.softmax(torch.logsumexp(z, dim=1), dim=0)
+            loss = F.cross_entropy((alpha[:, None] * z).sum(0, keepdim=True), label)
+            loss = loss + lam * (alpha * F.cross_entropy(z, label.expand(len(z)), reduction="none")).sum()
+            if m > 0:
+                l3 = omega * (alpha - ema[bag.key] / (1 - beta**m)).square().sum()
+                loss, consistency = loss + l3, consistency + float(l3.detach())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            staged[bag.key] = alpha.detach()
+            total += float(loss.detach())
+        for key, alpha in staged.items():
+            ema[key] = beta * ema.get(key, torch.zeros_like(alpha)) + (1 - beta) * alpha
+        record = history[m]
+        assert record["consistency_weight"] == pytest.approx(omega)
+        assert record["train_loss"] == pytest.approx(total / len(train), rel=1e-5)
+        assert record["train_consistency"] == pytest.approx(consistency / len(train), rel=1e-4, abs=1e-9)
+    assert history[-1]["train_consistency"] > 0 and history[-1]["train_recall"] > 0
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_baselines_train_with_the_bag_cross_entropy_alone() -> None:
+    train = planted_bags(6, seed=18)
+    for name in ("abmil", "mean", "max"):
+        model = _model(name)
+        reference = copy.deepcopy(model)
+        history = Trainer(model, TrainerConfig(epochs=2, lr=1e-3)).fit(train).history
+        assert all(r["train_recall"] == 0 and r["train_consistency"] == 0 for r in history)
+        assert all(r["train_loss"] == r["train_bag_ce"] for r in history)
+        optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, weight_decay=1e-5)
+        order = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            for i in torch.randperm(len(train), generator=order).tolist():
+                loss = F.cross_entropy(reference(train[i].features).bag_logits[None], torch.tensor([train[i].label]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_records_the_resolved_objective() -> None:
+    trainer = Trainer(_model("mean"), TrainerConfig(epochs=1))
+    assert trainer.state_dict()["objective"] == asdict(BAG_CE_ONLY)

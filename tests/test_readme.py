@@ -21,3 +21,17 @@ def test_reliability_table_covers_every_row_with_existing_tests() -> None:
         for file, name in refs:
             source = (ROOT / "tests" / file).read_text(encoding="utf-8")
             assert re.search(rf"^def {name}\(", source, re.M), f"{row}: {file}::{name} does not exist"
+
+
+def test_the_readme_states_the_objective_defaults_of_their_one_source() -> None:
+    from wsi_mil.mil import ObjectiveSettings
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    model = text[text.index("## The model") : text.index("## Conventions")]
+    num = r"(\d+(?:\.\d+)?)"
+    found = re.findall(rf"λ = {num}, ω_max = {num},\s+ramp-up R = {num} epochs, β = {num}", model)
+    assert len(found) == 1, "the model section states the objective's defaults once"
+    defaults = ObjectiveSettings()
+    stated = [float(v) for v in found[0]]
+    assert stated == [defaults.recall_weight, defaults.consistency_max, defaults.rampup_epochs, defaults.ema_beta]
+    assert "provisional" in model and "benchmarks/wsi_ablation.py" in model and "`loss_attention` only" in model

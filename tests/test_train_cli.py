@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 from collections import defaultdict
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ from wsi_mil.cli.train import predict, train
 from wsi_mil.config import load_config
 from wsi_mil.config.train import TrainConfig
 from wsi_mil.errors import InputError, OutputConflictError
+from wsi_mil.mil import BAG_CE_ONLY, ObjectiveSettings, Trainer, TrainerConfig, create_model
 from wsi_mil.runs.train import run_train
 
 FAST = ["--epochs", "12", "--lr", "0.005", "--device", "cpu", "--folds", "3"]
@@ -290,3 +292,40 @@ def test_epoch_lines_go_to_the_run_log_not_the_terminal(tmp_path, caplog):
     lines = (tmp_path / "run" / "train.log").read_text().splitlines()
     assert [line.split(":")[0] for line in lines] == [f"fold {f} epoch {e}" for f in range(2) for e in range(3)]
     assert all("train_loss=" in line and "val_loss=" in line for line in lines)
+
+
+@pytest.mark.parametrize("model", ["loss_attention", "abmil"])
+def test_wsi_mil_train_and_the_library_trainer_train_with_the_same_objective(tmp_path, model):
+    """No objective setting anywhere: `wsi-mil train` trains with what Trainer(model, TrainerConfig())
+    resolves (loss_attention: ObjectiveSettings(); the baselines: the bag cross-entropy alone)."""
+    cohort = planted_cohort(tmp_path / "c", n_slides=8, dim=8)
+    run = tmp_path / "run"
+    args = [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(run), "--config", str(_fast_config(tmp_path))]
+    result = CliRunner().invoke(train, [*args, "--model", model, "--epochs", "2", "--folds", "2", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    library = Trainer(create_model(model, 8, 2), TrainerConfig()).objective
+    assert library == (ObjectiveSettings() if model == "loss_attention" else BAG_CE_ONLY)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [f["objective"] for f in metrics["folds"]] == [asdict(library)] * 2
+    assert load_config(TrainConfig, run / "config.yaml").training.recall_weight is None
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    if model == "loss_attention":
+        assert all(h["train_recall"] > 0 for h in history)
+        assert all(h["consistency_weight"] == pytest.approx(library.consistency_max * np.exp(-5 * 0.81)) for h in history if h["epoch"] == 1)
+    else:
+        assert all(h["train_recall"] == 0 and h["train_consistency"] == 0 and h["val_recall"] == 0 for h in history)
+
+
+def test_an_objective_setting_for_a_baseline_is_refused_before_any_bag_is_read(tmp_path):
+    config = _fast_config(tmp_path, recall_weight=0.3)
+    (tmp_path / "features").mkdir()  # no bag at all: a later check would complain about that instead
+    (tmp_path / "labels.csv").write_text("slide_id,label\na,0\nb,1\n")
+    run = tmp_path / "run"
+    args = [str(tmp_path / "features"), "--labels", str(tmp_path / "labels.csv"), "--out", str(run), "--config", str(config)]
+    out = CliRunner().invoke(train, [*args, "--model", "abmil"])
+    assert out.exit_code == 2
+    assert "training.recall_weight is an option of loss_attention only; model 'abmil'" in out.output
+    assert "remove the key" in out.output and not run.exists()
+    # a TrainConfig built in Python for run_train is refused as it is built
+    with pytest.raises(ValueError, match="training.recall_weight is an option of loss_attention only; model 'mean'"):
+        TrainConfig.model_validate({"model": {"name": "mean"}, "training": {"recall_weight": 0.3}})

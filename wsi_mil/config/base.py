@@ -77,14 +77,18 @@ def validate_config(model: type[C], data: dict[str, Any], path: str | os.PathLik
         problems = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"])
+            cause = err.get("ctx", {}).get("error")
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{loc}'")
+            elif isinstance(cause, ConfigError):  # a check across keys: its message names them
+                problems.append(f"'{loc}': {cause}" if loc else str(cause))
             else:
                 problems.append(f"'{loc}': {err['msg']}")
         where = f" in {path}" if path is not None else ""
         allowed = ", ".join(model.model_fields)
+        text = "; ".join(problems)
         raise ConfigError(
-            f"Invalid {model.__name__}{where}: " + "; ".join(problems) + f". Top-level keys allowed: {allowed}."
+            f"Invalid {model.__name__}{where}: {text}{'' if text.endswith('.') else '.'} Top-level keys allowed: {allowed}."
         ) from exc
 
 

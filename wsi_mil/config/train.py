@@ -2,14 +2,18 @@
 and ``configs/predict.yaml``; unknown keys are rejected, R26).
 
 Loss weights follow the paper's sum form (``shared/method.md``): ``recall_weight`` is lambda,
-``consistency_max`` is omega_max, ramped up over ``rampup_epochs`` (0 at the first epoch).
+``consistency_max`` is omega_max, ramped up over ``rampup_epochs`` (0 at the first epoch). They and
+``ema_beta`` are options of ``loss_attention`` only: ``null`` (the default) means the model's default,
+which for ``loss_attention`` is :class:`wsi_mil.mil.losses.ObjectiveSettings` (their one source) and for
+every other model no recall or consistency term; a value given for another model is refused at validation,
+naming the key and the model.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from wsi_mil.config import StrictModel
 
@@ -67,10 +71,11 @@ class OptimConfig(StrictModel):
     lr: float = Field(2e-4, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-5, ge=0.0)
     grad_clip_norm: float | None = Field(None, gt=0.0)
-    recall_weight: float = Field(0.5, ge=0.0, description="lambda of the recall regulariser L2")
-    consistency_max: float = Field(5.0, ge=0.0, description="omega_max of the consistency cost L3")
-    rampup_epochs: int = Field(10, ge=0)
-    ema_beta: float = Field(0.6, ge=0.0, lt=1.0)
+    # loss_attention only; None: the model's default (wsi_mil.mil.losses.ObjectiveSettings for loss_attention)
+    recall_weight: float | None = Field(None, ge=0.0, description="lambda of the recall regulariser L2")
+    consistency_max: float | None = Field(None, ge=0.0, description="omega_max of the consistency cost L3")
+    rampup_epochs: int | None = Field(None, ge=0, description="epochs of the omega ramp-up")
+    ema_beta: float | None = Field(None, ge=0.0, lt=1.0, description="decay of the attention's temporal ensemble")
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None, description="None, 'balanced' (inverse class frequency of each training part) or one per class"
     )
@@ -110,6 +115,24 @@ class TrainConfig(StrictModel):
     splits: SplitsConfig = SplitsConfig()
     training: OptimConfig = OptimConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _objective_settings_only_for_loss_attention(self) -> TrainConfig:
+        opt = self.training
+        if any(v is not None for v in (opt.recall_weight, opt.consistency_max, opt.rampup_epochs, opt.ema_beta)):
+            from wsi_mil.mil import list_models  # torch: only when a setting is given
+            from wsi_mil.mil.losses import resolve_objective
+
+            if self.model.name in list_models():  # an unknown model is named by `wsi-mil train` itself
+                resolve_objective(
+                    self.model.name,
+                    recall_weight=opt.recall_weight,
+                    consistency_max=opt.consistency_max,
+                    rampup_epochs=opt.rampup_epochs,
+                    ema_beta=opt.ema_beta,
+                    key_prefix="training.",
+                )
+        return self
 
 
 class PredictConfig(StrictModel):

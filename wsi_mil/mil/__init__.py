@@ -3,7 +3,7 @@ and the training engine. See ``shared/method.md`` for the method, term by term."
 
 from wsi_mil.mil.data import Bag, BagBatch, BagDataset, InMemoryBagDataset, collate_bags
 from wsi_mil.mil.ensemble import TemporalEnsemble, consistency_ramp
-from wsi_mil.mil.losses import LossTerms, mil_loss
+from wsi_mil.mil.losses import BAG_CE_ONLY, LossTerms, ObjectiveSettings, mil_loss, resolve_objective
 from wsi_mil.mil.models import (
     ABMIL,
     LossAttentionMIL,
@@ -28,6 +28,7 @@ from wsi_mil.mil.trainer import (
 
 __all__ = [
     "ABMIL",
+    "BAG_CE_ONLY",
     "Bag",
     "BagBatch",
     "BagDataset",
@@ -40,6 +41,7 @@ __all__ = [
     "MILOutput",
     "MaxPoolMIL",
     "MeanPoolMIL",
+    "ObjectiveSettings",
     "TemporalEnsemble",
     "Trainer",
     "TrainerCallback",
@@ -52,5 +54,6 @@ __all__ = [
     "list_models",
     "mil_loss",
     "register_model",
+    "resolve_objective",
     "seed_everything",
 ]

@@ -8,9 +8,17 @@ Every model maps a bag of instance features to a :class:`MILOutput`:
   ``bag_logits [B, K]``, ``instance_logits [B, n, K]`` and ``attention [B, n]``.
 
 ``attention`` always sums to 1 over the real instances of a bag and is exactly 0 on padding, so the
-trainer, the temporal ensemble and the heatmaps can treat every model alike.  Attention, and every
-reduction over instances, is computed in float32 even under bf16/fp16 autocast, so bags of 100,000
-tiles with large logits stay finite.
+trainer, the temporal ensemble and the heatmaps can treat every model alike.
+
+Precision under bf16/fp16 autocast (``amp_bf16``): only the instance MLP (and abmil's attention MLP)
+runs in half precision. The classifier (for ``loss_attention`` the one shared by tiles and bag), the
+attention scores' last layer, the attention softmax and logsumexp and every reduction over instances
+run in float32 with autocast switched off, on the MLP's output cast to float32. A bf16 logit near 80
+is only known to +-0.25 (8 significant bits), which moved the attention of the test bag in
+``tests/test_mil_models.py`` by 0.019; in float32 the attention equals a float32 forward on the same
+embeddings to 1e-6, and bags of 100,000 tiles with large logits stay finite. The MLP's own bf16 rounding
+of the embeddings remains (0.004 to 0.015 of attention on that bag with a 64 or 512 wide MLP), so make
+heatmaps that must match a float32 run without ``amp_bf16``.
 
 Models (see ``list_models()``):
 
@@ -93,6 +101,16 @@ def _instance_mlp(in_dim: int, hidden_dims: Sequence[int], dropout: float) -> tu
 def _upcast(t: Tensor) -> Tensor:
     """Half precision (autocast outputs) to float32; float32/float64 unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _linear_float32(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` with autocast off and ``x`` cast up to float32: float32 for the (float32) parameters.
+
+    The layer is called as a module (not as ``F.linear`` on its weight), so a swapped-in linear layer,
+    e.g. the benchmarks' stacked replicas, keeps working.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _upcast(layer(_upcast(x)))
 
 
 def _masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -223,11 +241,11 @@ class _EmbeddingMIL(MILModel):
         self.classifier = nn.Linear(self.embed_dim, self.n_classes)
 
 
-def _pooled_output(classifier: nn.Module, bag_embedding: Tensor, embeddings: Tensor, attention: Tensor) -> MILOutput:
-    """Bag logits from the pooled embedding and instance logits from each tile's, by one classifier."""
+def _pooled_output(classifier: nn.Linear, bag_embedding: Tensor, embeddings: Tensor, attention: Tensor) -> MILOutput:
+    """Bag logits from the pooled embedding and instance logits from each tile's, by one float32 classifier."""
     return MILOutput(
-        bag_logits=_upcast(classifier(bag_embedding)),
-        instance_logits=_upcast(classifier(embeddings)),
+        bag_logits=_linear_float32(classifier, bag_embedding),
+        instance_logits=_linear_float32(classifier, embeddings),
         attention=attention,
     )
 
@@ -244,8 +262,8 @@ class LossAttentionMIL(_EmbeddingMIL):
     """
 
     def _forward_batch(self, x: Tensor, mask: Tensor | None) -> MILOutput:
-        embeddings = self.mlp(x)
-        logits = _upcast(self.classifier(embeddings))  # z: [B, n, K], float32 under autocast too
+        embeddings = self.mlp(x)  # bf16 under autocast: the MLP is where the time goes
+        logits = _linear_float32(self.classifier, embeddings)  # z: [B, n, K], float32 under autocast too
         if mask is not None:
             # Padded rows may hold anything; make their logits 0 so 0 * z stays 0 in the bag sum.
             logits = logits.masked_fill(~mask.unsqueeze(-1), 0.0)
@@ -294,7 +312,7 @@ class ABMIL(MILModel):
         hidden = torch.tanh(self.attention_v(embeddings))
         if self.attention_u is not None:
             hidden = hidden * torch.sigmoid(self.attention_u(embeddings))
-        attention = _masked_softmax(self.attention_w(hidden).squeeze(-1), mask)
+        attention = _masked_softmax(_linear_float32(self.attention_w, hidden).squeeze(-1), mask)
         if mask is not None:
             embeddings = embeddings.masked_fill(~mask.unsqueeze(-1), 0.0)
         return _pooled_output(self.classifier, _weighted_sum(attention, embeddings), embeddings, attention)

@@ -5,8 +5,7 @@ Usage (what ``wsi-mil train`` does with lazily loaded bags)::
 
     seed_everything(0)
     model = create_model("loss_attention", in_dim=1024, n_classes=2)
-    trainer = Trainer(model, TrainerConfig(epochs=50, recall_weight=0.5, consistency_max=5.0,
-                                           rampup_epochs=15, early_stopping_patience=10))
+    trainer = Trainer(model, TrainerConfig(epochs=50, early_stopping_patience=10))
     result = trainer.fit(train_bags, val_bags)       # restores the best validation state
     predictions = trainer.predict(test_bags)         # bag probs, attention, tile probs per bag
 
@@ -40,7 +39,7 @@ from torch import Tensor
 from wsi_mil.errors import CheckpointError, ConfigError, InputError, WsiMilError
 from wsi_mil.mil.data import Bag, BagBatch, BagDataset, collate_bags
 from wsi_mil.mil.ensemble import TemporalEnsemble
-from wsi_mil.mil.losses import LossTerms, mil_loss
+from wsi_mil.mil.losses import OBJECTIVE_KEYS, LossTerms, ObjectiveSettings, mil_loss, resolve_objective
 from wsi_mil.mil.models import MILModel, MILOutput
 
 logger = logging.getLogger(__name__)
@@ -74,16 +73,18 @@ def seed_everything(seed: int) -> None:
 class TrainerConfig:
     """Training settings (validated; invalid values raise :class:`~wsi_mil.errors.ConfigError`).
 
-    Loss terms use the paper's sum form (see :mod:`wsi_mil.mil.losses`): ``recall_weight`` is lambda,
-    ``consistency_max`` is omega_max, ramped over ``rampup_epochs`` and 0 at the first epoch.
+    ``recall_weight`` (lambda), ``consistency_max`` (omega_max, ramped over ``rampup_epochs``, 0 at the
+    first epoch) and ``ema_beta`` are options of ``loss_attention`` only (sum form, :mod:`~wsi_mil.mil.losses`);
+    ``None`` is the model's default: :class:`~wsi_mil.mil.losses.ObjectiveSettings`, as in ``wsi-mil train``,
+    for ``loss_attention``, no such term for other models (the :class:`Trainer` refuses them there).
     ``max_instances`` subsamples that many tiles per bag and training step (``None``: all tiles);
-    validation and prediction always use every tile. ``monitor`` is the metric that picks the best
-    epoch and drives early stopping; ``val_loss`` is ``bag_ce + recall`` on the validation bags (they
-    have no consistency target). ``amp_bf16`` runs the model under bf16 autocast (attention and losses
-    stay float32). ``seed`` seeds the bag order and tile subsampling, and torch's global RNG (dropout) at
-    the start of a fresh :meth:`Trainer.fit`; build the model after :func:`seed_everything` for a
-    reproducible initialisation. ``deterministic`` switches on ``torch.use_deterministic_algorithms``
-    during ``fit``. ``num_workers > 0`` loads bags in DataLoader worker processes (lazy HDF5 datasets).
+    validation and prediction always use every tile. ``monitor`` picks the best epoch and drives early
+    stopping; ``val_loss`` is ``bag_ce + recall`` on the validation bags (they have no consistency target).
+    ``amp_bf16`` runs the instance MLP under bf16 autocast; the classifier, attention and losses stay
+    float32. ``seed`` seeds the bag order, tile subsampling and, at the start of a fresh :meth:`Trainer.fit`,
+    torch's global RNG (dropout); build the model after :func:`seed_everything` for a reproducible start.
+    ``deterministic`` switches on ``torch.use_deterministic_algorithms`` in ``fit``; ``num_workers > 0``
+    loads bags in DataLoader worker processes (lazy HDF5 datasets).
     """
 
     epochs: int = 50
@@ -92,10 +93,10 @@ class TrainerConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     grad_clip_norm: float | None = None
-    recall_weight: float = 0.1
-    consistency_max: float = 0.0
-    rampup_epochs: int = 10
-    ema_beta: float = 0.6
+    recall_weight: float | None = None
+    consistency_max: float | None = None
+    rampup_epochs: int | None = None
+    ema_beta: float | None = None
     class_weights: tuple[float, ...] | None = None
     max_instances: int | None = None
     early_stopping_patience: int | None = None
@@ -125,10 +126,7 @@ class TrainerConfig:
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             f"grad_clip_norm must be > 0 or None, got {self.grad_clip_norm}",
         )
-        need(self.recall_weight >= 0, f"recall_weight must be >= 0, got {self.recall_weight}")
-        need(self.consistency_max >= 0, f"consistency_max must be >= 0, got {self.consistency_max}")
-        need(self.rampup_epochs >= 0, f"rampup_epochs must be >= 0, got {self.rampup_epochs}")
-        need(0 <= self.ema_beta < 1, f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        ObjectiveSettings(**{k: getattr(self, k) for k in OBJECTIVE_KEYS if getattr(self, k) is not None})  # ranges
         need(
             self.max_instances is None or self.max_instances >= 1,
             f"max_instances must be >= 1 or None, got {self.max_instances}",
@@ -254,7 +252,9 @@ class Trainer:
         model: any registered MIL model (moved to ``config.device``).
         config: :class:`TrainerConfig`.
         callbacks: :class:`TrainerCallback` objects, called in order.
-    """
+
+    ``objective``: the resolved :class:`~wsi_mil.mil.losses.ObjectiveSettings` (``ConfigError`` for one set
+    for a model other than ``loss_attention``)."""
 
     def __init__(
         self,
@@ -264,6 +264,7 @@ class Trainer:
     ) -> None:
         self.config = config or TrainerConfig()
         cfg = self.config
+        self.objective = resolve_objective(model.name, **{key: getattr(cfg, key) for key in OBJECTIVE_KEYS})
         self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but CUDA is not available; use device='cpu'.")
@@ -274,7 +275,8 @@ class Trainer:
         self.model = model.to(self.device)
         optimizer_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.ensemble = TemporalEnsemble(cfg.ema_beta, cfg.consistency_max, cfg.rampup_epochs)
+        obj = self.objective
+        self.ensemble = TemporalEnsemble(obj.ema_beta, obj.consistency_max, obj.rampup_epochs)
         self.callbacks = list(callbacks)
         self.history: list[dict[str, float]] = []
         self.epoch = 0
@@ -368,7 +370,7 @@ class Trainer:
             terms = mil_loss(
                 output,
                 bag.label,
-                recall_weight=self.config.recall_weight,
+                recall_weight=self.objective.recall_weight,
                 class_weights=self._class_weights,
             )
             accumulator.add(terms, 1)
@@ -406,6 +408,7 @@ class Trainer:
         """Everything needed to resume: model, optimiser, ensemble, history, best state, RNG states."""
         return {
             "config": asdict(self.config),
+            "objective": asdict(self.objective),
             "model_hparams": dict(self.model.hparams),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -499,7 +502,7 @@ class Trainer:
         start_s = time.perf_counter()
         epoch = self.epoch
         omega = self.ensemble.weight(epoch)
-        use_ensemble = cfg.consistency_max > 0
+        use_ensemble = self.objective.uses_ensemble
         order = torch.randperm(len(train), generator=self._generator).tolist()
         n_steps = math.ceil(len(order) / cfg.batch_size)
         for callback in self.callbacks:
@@ -521,7 +524,7 @@ class Trainer:
             terms = mil_loss(
                 output,
                 batch.labels,
-                recall_weight=cfg.recall_weight,
+                recall_weight=self.objective.recall_weight,
                 consistency_weight=omega,
                 attention_target=target,
                 target_valid=valid,

@@ -10,7 +10,8 @@ Outputs in the run folder ``RUN``::
     predictions.csv    out-of-fold: slide_id,case_id,label,prob_<class>...,predicted,fold
     metrics.json       per fold and pooled out-of-fold metrics with bootstrap CIs, slide- and case-level
                        (a case's probability is the mean of its slides'; the intervals resample cases),
-                       how they were computed ("statistics"), cohort report
+                       how they were computed ("statistics"), cohort report; each fold's "objective":
+                       the loss settings its model trained with
 
 Selection is honest: the best epoch of a fold is chosen on its validation part only; its test part is
 predicted once, by the restored best model.
@@ -29,7 +30,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -425,7 +426,7 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
         lr=opt.lr,
         weight_decay=opt.weight_decay,
         grad_clip_norm=opt.grad_clip_norm,
-        recall_weight=opt.recall_weight,
+        recall_weight=opt.recall_weight,  # None: the model's default, as for mil.Trainer
         consistency_max=opt.consistency_max,
         rampup_epochs=opt.rampup_epochs,
         ema_beta=opt.ema_beta,
@@ -466,6 +467,7 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
         "n_train": len(fold.train),
         "n_val": len(fold.val),
         "seed": cfg.seed + fold.fold,
+        "objective": asdict(trainer.objective),  # the settings resolved for this model
     }
     save_checkpoint(ctx.out / f"fold_{fold.fold}", trainer.model, classes, ctx.spec, training=training_info)
     predictions = trainer.predict(ctx.dataset(fold.test, False), return_instances=False)
