@@ -93,6 +93,7 @@ def test_output_files_datasets_and_attributes(cohort: list[Path], reference: Pat
             assert attrs["footprint_px"] == round(128 * 0.5 / slide.mpp)
             assert attrs["level"] == slide.best_level_for_mpp(0.5) == 0
             w0, h0 = slide.dimensions
+            assert attrs["slide_fingerprint"] == slide.fingerprint().to_json()  # which file it came from
         assert attrs["reader_backend"] in ("openslide", "tiffslide") and attrs["reader_version"]
         assert attrs["config_hash"] == run["config_hash"]
         pre = yaml.safe_load(attrs["preprocessing"])

@@ -495,3 +495,30 @@ assert "torch" not in sys.modules
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_scores_are_never_drawn_over_another_slide_with_the_same_id(tmp_path: Path, caplog) -> None:
+    """Two cohorts whose slide ids match: scores made from one slide are refused over the other, naming
+    both files; the right slide is drawn and its heatmap.h5 records the fingerprint it was drawn on."""
+    right = make_case(tmp_path / "a", "s1", size=(1600, 1200), mark=(3, 2), seed=0)
+    other = make_case(tmp_path / "b", "s1", size=(1600, 1200), mark=(3, 2), seed=1)  # same id, other pixels
+    with open_slide(right.slide) as slide:
+        fingerprint = slide.fingerprint()
+    with open_slide(other.slide) as slide:
+        assert fingerprint.differences(slide.fingerprint())
+    with h5py.File(right.scores, "a") as fh:
+        fh.attrs["slide_fingerprint"] = fingerprint.to_json()  # as `wsi-mil predict` copies it from the bag
+    cfg = HeatmapConfig(max_side_px=300, top_k=1)
+    result = run_heatmap([other.slide], tmp_path / "a" / "predict", tmp_path / "wrong", cfg, progress=False)
+    row = next(csv.DictReader(open(tmp_path / "wrong" / "manifest.csv", newline="")))
+    assert result.exit_code == 1 and row["status"] == "failed" and row["error_class"] == "SlideIdentityError"
+    assert str(right.scores) in row["error"] and str(other.slide) in row["error"] and "--ignore-slide-identity" in row["error"]
+    assert not (tmp_path / "wrong" / "s1" / "heatmap.png").exists()
+    ok = run_heatmap([right.slide], tmp_path / "a" / "predict", tmp_path / "right", cfg, progress=False)
+    assert ok.exit_code == 0
+    with h5py.File(tmp_path / "right" / "s1" / "heatmap.h5") as fh:
+        assert fh.attrs["slide_fingerprint"] == fingerprint.to_json()
+    with caplog.at_level("WARNING"):
+        forced = run_heatmap([other.slide], tmp_path / "a" / "predict", tmp_path / "forced",
+                             HeatmapConfig(max_side_px=300, top_k=1, ignore_slide_identity=True), progress=False)
+    assert forced.exit_code == 0 and "drawn anyway" in caplog.text

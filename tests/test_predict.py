@@ -191,3 +191,31 @@ def test_shuffled_labels_print_the_out_of_fold_auc_and_ensemble_all_is_marked_in
     assert json.loads((tmp_path / "ins" / "metrics.json").read_text())["scoring"] == "in_sample"
     with h5py.File(tmp_path / "ins" / "scores" / f"{cohort.slide_ids[0]}.h5") as fh:
         assert fh.attrs["scored_by"] == "in_sample:ensemble:5"
+
+
+def test_a_bag_from_another_slide_under_a_training_id_is_refused_naming_the_slide(trained, tmp_path):
+    """A bag whose slide file differs from the slide the run trained on under the same id would be called
+    held-out wrongly: predict refuses it (or, asked to, scores it as the run's slide with a warning)."""
+    import shutil
+
+    from wsi_mil.errors import SlideIdentityError
+    from wsi_mil.slide import SlideFingerprint
+
+    root, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    recorded = SlideFingerprint(4096, 4096, 0.25, 123_456, "a" * 64)
+    other = SlideFingerprint(4096, 4096, 0.25, 654_321, "b" * 64)
+    (run / "slide_fingerprints.json").write_text(json.dumps({"s000": recorded.to_json()}))
+    x = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)
+    features = tmp_path / "new"
+    write_bag(features / "s000.h5", x, attrs={**bag_attrs("s000", 16), "slide_fingerprint": other.to_json()})
+    with pytest.raises(SlideIdentityError, match=r"'s000' \(123,456 vs 654,321 bytes; .*--ignore-slide-identity"):
+        run_predict(features, [run], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    from wsi_mil.config.train import PredictConfig
+
+    forced = run_predict(features, [run], tmp_path / "forced", PredictConfig(ignore_slide_identity=True))
+    assert forced.n_predicted == 1 and forced.scored_by == {"held_out": 1}
+    with h5py.File(tmp_path / "forced" / "scores" / "s000.h5") as fh:
+        assert fh.attrs["slide_fingerprint"] == other.to_json()  # the scores say which slide they are about

@@ -63,6 +63,10 @@ class SplitLeakageError(InputError):
     """One case has slides in more than one split."""
 
 
+class SlideIdentityError(InputError):
+    """An output (bag, scores, heatmap) is paired with a slide file other than the one it came from."""
+
+
 class MixedCaseLabelError(InputError):
     """Slides of one case carry different labels, so the case has no single label (case-level metrics)."""
 

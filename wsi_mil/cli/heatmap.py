@@ -38,6 +38,9 @@ from wsi_mil.cli import common
 @click.option("--max-side-px", type=int, default=None, help="Longest heatmap side in pixels (default 2048).")
 @click.option("--smooth-um", type=float, default=None, help="Gaussian smoothing sigma in µm (default 0: none).")
 @click.option("--no-clip", is_flag=True, default=False, help="Do not clip the heatmap to the tissue mask.")
+@click.option("--ignore-slide-identity", is_flag=True, default=False,
+              help="Draw scores over a slide file whose fingerprint differs from the one they were made from "
+              "(a re-scanned slide), with a warning; by default such a slide is refused.")
 @common.slide_options(
     mpp_override_help="Level-0 µm/px for every slide (default: the slide µm/px recorded in the scores).",
     mpp_override_csv_help="CSV slide_id,mpp.",
@@ -59,6 +62,7 @@ def heatmap(
     max_side_px: int | None,
     smooth_um: float | None,
     no_clip: bool,
+    ignore_slide_identity: bool,
     backend: str | None,
     mpp_override: float | None,
     mpp_override_csv: str | None,
@@ -91,6 +95,7 @@ def heatmap(
                 "max_side_px": max_side_px,
                 "smooth_sigma_um": smooth_um,
                 "clip_to_tissue": False if no_clip else None,
+                "ignore_slide_identity": True if ignore_slide_identity else None,
                 **common.slide_overrides(backend, mpp_override, mpp_override_csv),
             },
         )

@@ -103,6 +103,7 @@ def train(
 @label_column_options(case_col_help="Case/patient column (default case_id).")
 @click.option("--strict", is_flag=True, default=None, help="NaN/Inf bags are errors instead of skipped slides.")
 @ensemble_all_option
+@click.option("--ignore-slide-identity", is_flag=True, default=None, help="Score a bag whose slide file differs from the one the training run used under that id (a re-scanned slide) as the run's slide, with a warning; by default predict refuses.")
 def predict(
     features: str,
     checkpoints: tuple[str, ...],
@@ -115,6 +116,7 @@ def predict(
     case_col: str | None,
     strict: bool | None,
     ensemble_all: bool,
+    ignore_slide_identity: bool | None,
 ) -> None:
     """Predict slides with trained checkpoints, out of fold; per-tile scores for heatmaps.
 
@@ -130,7 +132,10 @@ def predict(
         cfg = load_config(
             PredictConfig,
             config_path,
-            {"device": device, "strict": strict, **label_column_overrides(id_col, label_col, case_col)},
+            {
+                "device": device, "strict": strict, "ignore_slide_identity": ignore_slide_identity,
+                **label_column_overrides(id_col, label_col, case_col),
+            },
         )
         from wsi_mil.runs.predict import run_predict
 

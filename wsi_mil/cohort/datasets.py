@@ -298,14 +298,8 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
         if footprint is None:
             footprint = positive_int(coords_attrs.get("patch_size"))
     return BagInfo(
-        source=source,
-        n_tiles=n_tiles,
-        spec=spec,
-        slide_mpp=slide_mpp,
-        footprint_px=footprint,
-        has_coords=has_coords,
-        finite=finite,
-        attrs=attrs,
+        source=source, n_tiles=n_tiles, spec=spec, slide_mpp=slide_mpp, footprint_px=footprint,
+        has_coords=has_coords, finite=finite, attrs=attrs,
     )
 
 

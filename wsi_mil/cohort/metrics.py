@@ -345,13 +345,8 @@ def case_metrics(
 
 
 def slide_and_case_metrics(
-    labels: np.ndarray,
-    probabilities: np.ndarray,
-    groups: Sequence[Any] | np.ndarray,
-    n_bootstrap: int = 1000,
-    ci_level: float = 0.95,
-    seed: int = 0,
-    classes: Sequence[str] | None = None,
+    labels: np.ndarray, probabilities: np.ndarray, groups: Sequence[Any] | np.ndarray, n_bootstrap: int = 1000,
+    ci_level: float = 0.95, seed: int = 0, classes: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
     """Slide-level metrics (bootstrap resampling cases) and case-level metrics of one set of predictions.
 

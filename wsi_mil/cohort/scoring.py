@@ -15,6 +15,7 @@ have seen no slide, with a warning, since wsi-mil cannot tell.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from wsi_mil.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Scorer", "ScoringPlan", "describe_scored_by", "fold_parts"]
+__all__ = ["SLIDE_FINGERPRINTS", "Scorer", "ScoringPlan", "describe_scored_by", "fold_parts"]
 
 SPLITS_NAME = "splits.csv"
+#: ``{slide_id: fingerprint JSON}`` of the slides a training run used (:mod:`wsi_mil.slide.identity`)
+SLIDE_FINGERPRINTS = "slide_fingerprints.json"
 
 
 def fold_parts(path: Path) -> dict[int, dict[str, set[str]]]:
@@ -72,6 +75,8 @@ class ScoringPlan:
         self.tested: list[set[str]] = []
         self.names: list[str] = []
         parts_of_run: dict[Path, dict[int, dict[str, set[str]]]] = {}
+        #: the fingerprint each run recorded for a slide id: ``{slide_id: (run, fingerprint JSON)}``
+        self.recorded: dict[str, tuple[Path, str]] = {}
         unknown: list[str] = []
         for sidecar, meta in zip(sidecars, metas, strict=True):
             fold = (meta.get("training") or {}).get("fold")
@@ -85,6 +90,7 @@ class ScoringPlan:
                 continue
             if run not in parts_of_run:
                 parts_of_run[run] = fold_parts(splits)
+                self._read_fingerprints(run)
             parts = parts_of_run[run].get(int(fold), {"train": set(), "val": set(), "test": set()})
             self.seen.append(parts["train"] | parts["val"])
             self.tested.append(parts["test"])
@@ -95,6 +101,37 @@ class ScoringPlan:
                 "they trained on and treats them as having seen none: %s",
                 len(unknown), SPLITS_NAME, unknown[:5],
             )
+
+    def _read_fingerprints(self, run: Path) -> None:
+        path = run / SLIDE_FINGERPRINTS
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            logger.info("%s records no slide fingerprints (a run of wsi-mil before they existed)", run)
+            return
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path} is unreadable ({exc}); it records which slide file each id was.") from exc
+        for slide_id, fingerprint in data.items():
+            if fingerprint:
+                self.recorded[str(slide_id)] = (run, str(fingerprint))
+
+    def identity_conflicts(self, fingerprints: dict[str, str]) -> list[str]:
+        """For bags ``{slide_id: fingerprint JSON}``: a sentence per slide id whose bag came from another
+        slide file than the one a training run recorded under that id (empty when all agree)."""
+        from wsi_mil.slide.identity import SlideFingerprint
+
+        out = []
+        for slide_id, text in sorted(fingerprints.items()):
+            if slide_id not in self.recorded or not text:
+                continue
+            run, recorded = self.recorded[slide_id]
+            ours, theirs = SlideFingerprint.from_json(text), SlideFingerprint.from_json(recorded)
+            if ours is None or theirs is None:
+                continue
+            differences = theirs.differences(ours)
+            if differences:
+                out.append(f"'{slide_id}' ({'; '.join(differences)} than the slide of run {run})")
+        return out
 
     def scorer(self, slide_id: str) -> Scorer | None:
         """The checkpoints that score ``slide_id``; ``None`` when every checkpoint trained on it."""

@@ -52,6 +52,9 @@ class HeatmapConfig(StrictModel):
     geojson_object_type: Literal["detection", "tile"] = "detection"
     figure_dpi: int = Field(110, ge=50, le=600)
     write_geojson: bool = True
+    #: draw scores over a slide file whose fingerprint differs from the one they were made from (a
+    #: re-scanned slide), with a warning; by default such a slide is refused
+    ignore_slide_identity: bool = False
 
     @model_validator(mode="after")
     def _check_colormap(self) -> HeatmapConfig:

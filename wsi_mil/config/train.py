@@ -140,6 +140,9 @@ class PredictConfig(StrictModel):
 
     device: str = Field("auto", description="auto (cuda when available), cpu or cuda[:i]")
     strict: bool = Field(False, description="NaN/Inf bags are errors instead of skipped slides")
+    ignore_slide_identity: bool = Field(
+        False, description="a bag whose slide differs from the one the run recorded under its id is scored as that slide"
+    )
     labels: LabelColumns = LabelColumns()
     metrics: MetricsConfig = MetricsConfig()
 

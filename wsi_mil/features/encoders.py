@@ -370,17 +370,9 @@ def create_encoder(
         interpolation=pre["interpolation"],
     )
     enc = Encoder(
-        model=model,
-        name=name,
-        feature_dim=_feature_dim(model),
-        preprocessing=pre,
-        transform=transform,
-        weights_sha256=sha,
-        weights_source=source,
-        is_cnn=_is_cnn(model),
-        timm_name=spec.timm_name,
-        model_kwargs=dict(model_kwargs or {}),
-        device=dev,
+        model=model, name=name, feature_dim=_feature_dim(model), preprocessing=pre, transform=transform,
+        weights_sha256=sha, weights_source=source, is_cnn=_is_cnn(model), timm_name=spec.timm_name,
+        model_kwargs=dict(model_kwargs or {}), device=dev,
     )
     logger.info(
         "Encoder %s: %d-d, weights %s (sha256 %s), input %s",

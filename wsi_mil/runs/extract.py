@@ -271,6 +271,7 @@ def run_extract(
                 "config_hash": chash,
                 "precision": precision,
                 "coords_space": "level-0 pixels, top-left (x, y)",
+                "slide_fingerprint": slide.fingerprint().to_json(),
                 # corrupt file tiles the tissue/QC reads met and read as glass (skip_unreadable_tiles)
                 "n_skipped_segmentation_tiles": len(prepared.skipped_tiles),
                 **identity,

@@ -34,7 +34,7 @@ import numpy as np
 
 from wsi_mil.config import write_config
 from wsi_mil.config.heatmap import HeatmapConfig
-from wsi_mil.errors import BagFileError, InputError
+from wsi_mil.errors import BagFileError, InputError, SlideIdentityError
 from wsi_mil.heatmap.export import (
     contact_sheet,
     export_tiles,
@@ -58,7 +58,7 @@ from wsi_mil.heatmap.render import (
     tissue_mask,
 )
 from wsi_mil.runs.slide_loop import BatchSummary, check_unique_ids, run_batch
-from wsi_mil.slide import Slide, SlideLimits, load_mpp_overrides, open_slide
+from wsi_mil.slide import Slide, SlideFingerprint, SlideLimits, load_mpp_overrides, open_slide
 from wsi_mil.store import RecordStore, atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from wsi_mil.store.geojson import tile_detections_text, write_geojson
 from wsi_mil.store.heatmap_file import write_heatmap_h5
@@ -172,6 +172,29 @@ def _open(path: Path, scores: SlideScores, cfg: HeatmapConfig, mpp_override: flo
     return slide
 
 
+def _check_identity(scores: SlideScores, slide: Slide, ignore: bool) -> SlideFingerprint:
+    """Refuse scores made from another slide file than ``slide`` (same id, other pixels)."""
+    fingerprint = slide.fingerprint()
+    recorded = SlideFingerprint.from_json(scores.slide_fingerprint)
+    if recorded is None:
+        logger.info("%s: the scores record no slide fingerprint (older files); identity not checked", slide.slide_id)
+        return fingerprint
+    differences = recorded.differences(fingerprint)
+    if not differences:
+        return fingerprint
+    what = (
+        f"the scores {scores.path} were made from another slide file than {slide.path} "
+        f"({'; '.join(differences)})"
+    )
+    if ignore:
+        logger.warning("%s: %s; drawn anyway (ignore_slide_identity)", slide.slide_id, what)
+        return fingerprint
+    raise SlideIdentityError(
+        f"Slide '{slide.slide_id}': {what}. Give the slide these scores came from; for a re-scanned slide "
+        "whose tiles still fit, pass --ignore-slide-identity."
+    )
+
+
 def _check_fit(scores: SlideScores, slide: Slide) -> None:
     if scores.n_tiles == 0:
         return
@@ -233,6 +256,7 @@ def render_slide(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with _open(path, scores, cfg, mpp_override) as slide:
+        fingerprint = _check_identity(scores, slide, cfg.ignore_slide_identity)
         _check_fit(scores, slide)
         geometry = canvas_geometry(slide.dimensions, slide.mpp, cfg.canvas_mpp, cfg.max_side_px)
         thumbnail = slide.read_downsampled(geometry.downsample)
@@ -273,6 +297,7 @@ def render_slide(
             "smooth_sigma_um": cfg.smooth_sigma_um,
             "colormap": cfg.colormap,
             "class_names": list(scores.class_names),
+            "slide_fingerprint": fingerprint.to_json(),
             **describe(values),
         }
         write_heatmap_h5(

@@ -49,7 +49,7 @@ from wsi_mil.cohort.labels import read_labels
 from wsi_mil.cohort.metrics import describe_statistics, format_metrics_table, slide_and_case_metrics
 from wsi_mil.cohort.scoring import ScoringPlan
 from wsi_mil.config.train import PredictConfig, resolve_device
-from wsi_mil.errors import CheckpointError, InputError
+from wsi_mil.errors import CheckpointError, InputError, SlideIdentityError
 from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
 from wsi_mil.store.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoints
 from wsi_mil.store.score_file import write_scores
@@ -217,6 +217,20 @@ def run_predict(
     if not infos:
         raise InputError(f"no usable feature bags under {folder.root}.")
 
+    conflicts = plan.identity_conflicts(
+        {info.source.slide_id: str(info.attrs.get("slide_fingerprint", "") or "") for info in infos}
+    )
+    if conflicts:
+        what = (
+            f"{len(conflicts)} bag(s) come from other slide files than the slides the training run used under "
+            f"the same id: {', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}"
+        )
+        if not cfg.ignore_slide_identity:
+            raise SlideIdentityError(
+                f"{what}. Scored as the run's slides they would be called held-out wrongly. Rename the new "
+                "slides (the id is the file name), or, for re-scanned slides, pass --ignore-slide-identity."
+            )
+        logger.warning("%s; scored as the run's slides (ignore_slide_identity)", what)
     out = ensure_writable_dir(out_dir)
     device = torch.device(resolve_device(cfg.device))
     models = [c.model.to(device).eval() for c in loaded]
@@ -266,6 +280,7 @@ def run_predict(
                 encoder_name=info.spec.encoder_name or "",
                 source_feature_file=str(source.path),
                 scored_by=scorer.label,
+                slide_fingerprint=str(info.attrs.get("slide_fingerprint", "") or ""),
             )
             rows.append(
                 {

@@ -45,6 +45,7 @@ from wsi_mil.cohort.metrics import (
     format_metrics_table,
     slide_and_case_metrics,
 )
+from wsi_mil.cohort.scoring import SLIDE_FINGERPRINTS
 from wsi_mil.cohort.splits import FoldSplit, make_splits, read_splits, write_splits
 from wsi_mil.config import write_config
 from wsi_mil.config.train import TrainConfig, resolve_device
@@ -59,7 +60,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["TrainResult", "run_train"]
 
 _RUN_OUTPUTS = (
-    "config.yaml", "classes.json", "splits.csv", "history.jsonl", "train.log", "predictions.csv", "metrics.json"
+    "config.yaml", "classes.json", "splits.csv", "slide_fingerprints.json", "history.jsonl", "train.log",
+    "predictions.csv", "metrics.json",
 )
 
 
@@ -289,6 +291,10 @@ def run_train(
             class_names=classes,
         )
     write_splits(out / "splits.csv", folds, case_of, label_of)
+    atomic_write_json(  # which slide file each id was: predict checks bags against it
+        out / SLIDE_FINGERPRINTS,
+        {s: infos[s].attrs.get("slide_fingerprint") or None for s in usable},
+    )
     atomic_write_json(out / "classes.json", {"classes": classes, "class_index": class_index})
     write_config(cfg, out / "config.yaml")
 
@@ -298,18 +304,9 @@ def run_train(
     n_tiles = {s: infos[s].n_tiles for s in usable}
 
     context = _FoldContext(
-        cfg=cfg,
-        n_folds=len(folds),
-        device=device,
-        model_kwargs=model_kwargs,
-        spec=spec,
-        classes=classes,
-        class_of={s: class_index[label_of[s]] for s in usable},
-        case_of=case_of,
-        sources={s: infos[s].source for s in usable},
-        n_tiles=n_tiles,
-        progress=progress,
-        out=out,
+        cfg=cfg, n_folds=len(folds), device=device, model_kwargs=model_kwargs, spec=spec, classes=classes,
+        class_of={s: class_index[label_of[s]] for s in usable}, case_of=case_of,
+        sources={s: infos[s].source for s in usable}, n_tiles=n_tiles, progress=progress, out=out,
     )
 
     oof_rows: list[dict[str, Any]] = []

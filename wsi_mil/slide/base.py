@@ -2,6 +2,9 @@
 (transparent pixels on white) at level-0 (x, y) top-left locations, each checked against the pixel budget
 (:class:`SlideLimits`) *before* anything is allocated. Backends (:mod:`wsi_mil.slide.readers`) only open,
 close and read raw regions; their errors are converted to :mod:`wsi_mil.errors` here.
+
+One module because every read (region, level, downsampled, tiles searched for a corrupt one) goes
+through the same clipping, compositing and budget checks of the one :class:`Slide` class.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import cv2
 import numpy as np
 
 from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, SlideTooLargeError
+from wsi_mil.slide.identity import SlideFingerprint, fingerprint_file
 from wsi_mil.slide.mpp import MPP_REMEDY, check_mpp, mpp_from_properties
 
 logger = logging.getLogger(__name__)
@@ -114,6 +118,10 @@ class Slide(ABC):
 
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.level_downsamples[level]
+
+    def fingerprint(self) -> SlideFingerprint:
+        """What identifies this slide file (:mod:`wsi_mil.slide.identity`): recorded in every output."""
+        return fingerprint_file(self.path, self.dimensions[0], self.dimensions[1], self.mpp)
 
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly summary, recorded in outputs."""

@@ -126,12 +126,12 @@ def open_slide(
     try:
         return TiffSlideSlide(p, mpp=mpp, limits=limits)
     except SlideOpenError as exc:
-        if backend == "auto":
-            raise SlideOpenError(
-                f"{p} is not a slide that OpenSlide or tiffslide can open ({exc}). Check the file is a "
-                "whole-slide image and that it was copied completely."
-            ) from exc
-        raise
+        if backend != "auto":
+            raise
+        raise SlideOpenError(
+            f"{p} is not a slide that OpenSlide or tiffslide can open ({exc}). Check the file is a "
+            "whole-slide image and that it was copied completely."
+        ) from exc
 
 
 #: suffixes of the TIFF-based formats tiffslide reads

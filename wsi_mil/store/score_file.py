@@ -8,7 +8,8 @@ Layout (one file per slide):
   ``label`` ("" when unknown), ``model``, ``n_checkpoints``, ``tile_px``, ``mpp`` (tile µm/px),
   ``footprint_px`` (level-0 tile side), ``slide_mpp``, ``encoder_name``, ``source_feature_file`` and
   ``scored_by`` (``held_out:fold_3``, ``ensemble:5`` or ``in_sample:ensemble:5``: which checkpoints scored the
-  slide, see :mod:`wsi_mil.cohort.scoring`; absent in files of wsi-mil before it existed).
+  slide, see :mod:`wsi_mil.cohort.scoring`; absent in files of wsi-mil before it existed) and
+  ``slide_fingerprint`` (JSON, :mod:`wsi_mil.slide.identity`: the slide file the bag was extracted from).
 
 :func:`write_scores` is the one writer (``wsi-mil predict``, tests, benchmarks) and :func:`load_scores` the
 one validating reader (``wsi-mil heatmap``, benchmarks); ``model_name`` (= ``model``) and
@@ -60,6 +61,8 @@ class SlideScores:
     path: Path | None = None
     #: how the slide was scored: ``held_out:fold_3``, ``ensemble:5``, ``in_sample:ensemble:5`` ("" unknown)
     scored_by: str = ""
+    #: JSON of the :class:`~wsi_mil.slide.identity.SlideFingerprint` of the slide the bag came from ("": unknown)
+    slide_fingerprint: str = ""
 
     @property
     def in_sample(self) -> bool:
@@ -226,6 +229,7 @@ def load_scores(path: str | os.PathLike[str]) -> SlideScores:
         encoder_name=_text(attrs.get("encoder_name", "")),
         path=p,
         scored_by=_text(attrs.get("scored_by", "")),
+        slide_fingerprint=_text(attrs.get("slide_fingerprint", "")),
     )
 
 
@@ -257,6 +261,7 @@ def write_scores(
     encoder_name: str = "",
     source_feature_file: str = "",
     scored_by: str = "",
+    slide_fingerprint: str = "",
 ) -> Path:
     """Write one slide's score file (the layout above) atomically; the one writer of this format.
 
@@ -287,6 +292,8 @@ def write_scores(
     }
     if scored_by:
         attrs["scored_by"] = scored_by
+    if slide_fingerprint:
+        attrs["slide_fingerprint"] = slide_fingerprint
     try:
         with atomic_path(dest, suffix=".h5") as tmp, h5_open(tmp, "w") as fh:
             fh.create_dataset("coords", data=np.asarray(coords, np.int64).reshape(-1, 2))
