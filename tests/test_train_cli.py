@@ -147,9 +147,15 @@ def test_train_then_predict_through_the_cli(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["labelled"]["n_slides"] == 6
     assert not list(out.rglob(".tmp-*"))
 
-    # a second run into the same folder is refused unless --overwrite
-    again = CliRunner().invoke(train, [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(run), *FAST])
-    assert again.exit_code == 2 and "--overwrite" in again.output
+    # the same command again finds the run finished: nothing is trained, nothing rewritten
+    stamp = (run / "metrics.json").stat().st_mtime_ns
+    again = CliRunner().invoke(
+        train, [str(cohort.features_dir.parent), "--labels", str(cohort.labels_csv), "--out", str(run), "--config", str(config), *FAST]
+    )
+    assert again.exit_code == 0 and (run / "metrics.json").stat().st_mtime_ns == stamp, again.output
+    # another config into the same folder is refused unless --overwrite
+    other = CliRunner().invoke(train, [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--out", str(run), *FAST, "--seed", "7"])
+    assert other.exit_code == 2 and "another config" in other.output and "--overwrite" in other.output
 
 
 def test_unmatched_slides_are_reported_and_refused_under_strict(tmp_path, caplog):

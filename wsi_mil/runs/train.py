@@ -49,9 +49,10 @@ from wsi_mil.cohort.scoring import SLIDE_FINGERPRINTS
 from wsi_mil.cohort.splits import FoldSplit, make_splits, read_splits, write_splits
 from wsi_mil.config import write_config
 from wsi_mil.config.train import TrainConfig, resolve_device
-from wsi_mil.errors import ConfigError, InputError, OutputConflictError
+from wsi_mil.errors import ConfigError, InputError
 from wsi_mil.mil import Trainer, TrainerCallback, TrainerConfig, create_model, list_models, seed_everything
-from wsi_mil.store import atomic_write_json, atomic_write_text, ensure_writable_dir
+from wsi_mil.runs.train_state import claim_run, load_fold, prepare_run_folder, run_key, save_fold
+from wsi_mil.store import atomic_write_json, atomic_write_text
 from wsi_mil.store.bag_file import FeatureSpec
 from wsi_mil.store.checkpoint import save_checkpoint
 
@@ -109,16 +110,20 @@ class _HistoryWriter(TrainerCallback):
         self.handle = handle
         self.fold = fold
         self.log = log
+        self.history_lines: list[str] = []
+        self.log_lines: list[str] = []
 
     def on_epoch_end(self, trainer: Any, record: dict[str, float]) -> None:
         row: dict[str, Any] = {"fold": self.fold}
         row.update({k: _finite_or_none(float(v)) for k, v in record.items()})
         row["epoch"] = int(record["epoch"])
-        self.handle.write(json.dumps(row) + "\n")
+        self.history_lines.append(json.dumps(row))
+        self.handle.write(self.history_lines[-1] + "\n")
         self.handle.flush()
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+        self.log_lines.append(f"fold {self.fold} epoch {int(record['epoch'])}: {terms}")
         if self.log is not None:
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
-            self.log.write(f"fold {self.fold} epoch {int(record['epoch'])}: {terms}\n")
+            self.log.write(self.log_lines[-1] + "\n")
             self.log.flush()
 
 
@@ -148,26 +153,6 @@ class _ProgressBar(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    existing = [name for name in _RUN_OUTPUTS if (out / name).exists()]
-    folds = sorted(p for p in out.glob("fold_*") if p.is_dir()) if out.is_dir() else []
-    if (existing or folds) and not overwrite:
-        raise OutputConflictError(
-            f"{out} already holds a training run ({', '.join(existing + [p.name for p in folds][:3])}); "
-            "choose another --out folder or pass --overwrite."
-        )
-    ensure_writable_dir(out)
-    for fold_dir in folds:  # stale checkpoints of an earlier run would be picked up by `predict RUN`
-        for name in ("model.json", "model.safetensors"):
-            (fold_dir / name).unlink(missing_ok=True)
-        try:
-            fold_dir.rmdir()
-        except OSError:
-            logger.warning("%s is not empty; left in place without its checkpoint", fold_dir)
-    for name in existing:
-        (out / name).unlink(missing_ok=True)
 
 
 def _report_unmatched(table: LabelTable, feature_ids: set[str], strict: bool) -> tuple[list[str], list[str]]:
@@ -236,7 +221,8 @@ def run_train(
     Args:
         features: a feature folder (wsi-mil, CLAM or TRIDENT layout; see :mod:`~wsi_mil.cohort.datasets`).
         labels_csv: the label table (columns from ``config.labels``).
-        out_dir: the run folder; refused when it already holds a run, unless ``overwrite``.
+        out_dir: the run folder; a folder holding this very run is resumed (finished folds kept), one
+            holding another run is refused unless ``overwrite`` (see :mod:`~wsi_mil.runs.train_state`).
         config: :class:`TrainConfig` (defaults when ``None``).
         splits_csv: a long-format splits file to use instead of making splits (validated, R20).
         progress: show progress bars (``None``: only on a terminal).
@@ -250,7 +236,7 @@ def run_train(
         raise ConfigError(f"unknown MIL model {cfg.model.name!r}; choose one of: {', '.join(list_models())}")
     out = Path(out_dir)
     t_start = time.perf_counter()
-    _prepare_out_dir(out, overwrite)
+    prepare_run_folder(out, _RUN_OUTPUTS, overwrite)
 
     table = read_labels(
         labels_csv, cfg.labels.id_col, cfg.labels.label_col, cfg.labels.case_col, cfg.labels.classes
@@ -290,11 +276,23 @@ def run_train(
             seed=cfg.seed,
             class_names=classes,
         )
+    run_id = run_key(
+        cfg, {s: (infos[s].n_tiles, spec.feature_dim, _file_bytes(infos[s].source.path), infos[s].attrs) for s in usable},
+        folds,
+    )
+    claim_run(out, run_id)
     write_splits(out / "splits.csv", folds, case_of, label_of)
     atomic_write_json(  # which slide file each id was: predict checks bags against it
         out / SLIDE_FINGERPRINTS,
         {s: infos[s].attrs.get("slide_fingerprint") or None for s in usable},
     )
+    finished = {f.fold: load_fold(out, f.fold, run_id) for f in folds}
+    if all(finished.values()) and (out / "metrics.json").is_file():
+        logger.info("%s holds this run, finished: nothing to train (--overwrite starts over)", out)
+        kept = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        return TrainResult(out_dir=out, classes=classes, metrics=kept, fold_summaries=list(kept["folds"]))
+    if any(finished.values()):
+        logger.info("resuming %s: folds %s finished, training the rest", out, sorted(k for k, v in finished.items() if v))
     atomic_write_json(out / "classes.json", {"classes": classes, "class_index": class_index})
     write_config(cfg, out / "config.yaml")
 
@@ -317,15 +315,22 @@ def run_train(
     with open(history_path, "w", encoding="utf-8") as history, open(out / "train.log", "w", encoding="utf-8") as log:
         context.log = log
         for fold in folds:
-            report = _train_fold(fold, context, history)
-            for key, probs in report.pop("_predictions"):
-                oof_labels.append(class_index[label_of[key]])
+            done = finished[fold.fold]
+            if done is None:
+                report, history_lines, log_lines = _train_fold(fold, context, history)
+                save_fold(out, fold.fold, run_id, report, history_lines, log_lines)
+            else:
+                report, history_lines, log_lines = done
+                history.writelines(line + "\n" for line in history_lines)
+                log.writelines(line + "\n" for line in log_lines)
+            for slide_id, probs in report.pop("_predictions"):
+                oof_labels.append(class_index[label_of[slide_id]])
                 oof_probs.append(probs)
                 oof_rows.append(
                     {
-                        "slide_id": key,
-                        "case_id": case_of[key],
-                        "label": label_of[key],
+                        "slide_id": slide_id,
+                        "case_id": case_of[slide_id],
+                        "label": label_of[slide_id],
                         **{f"prob_{c}": float(probs[i]) for i, c in enumerate(classes)},
                         "predicted": classes[int(np.argmax(probs))],
                         "fold": fold.fold,
@@ -408,8 +413,9 @@ class _FoldContext:
         )
 
 
-def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[str, Any]:
-    """Fit on the fold's training part (selecting on its validation part), save, predict its test part."""
+def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Fit on the fold's training part (selecting on its validation part), save, predict its test part;
+    return its report and its lines of ``history.jsonl`` and ``train.log``."""
     cfg, classes = ctx.cfg, ctx.classes
     opt = cfg.training
     train_labels = [ctx.class_of[s] for s in fold.train]
@@ -440,7 +446,8 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
     )
     seed_everything(cfg.seed + fold.fold)
     model = create_model(cfg.model.name, ctx.spec.feature_dim, len(classes), **ctx.model_kwargs)
-    callbacks = [_HistoryWriter(history, fold.fold, ctx.log), _ProgressBar(fold.fold, ctx.n_folds, opt.epochs, ctx.progress)]
+    writer = _HistoryWriter(history, fold.fold, ctx.log)
+    callbacks = [writer, _ProgressBar(fold.fold, ctx.n_folds, opt.epochs, ctx.progress)]
     trainer = Trainer(model, trainer_config, callbacks)
     logger.info(
         "fold %d (%d of %d): %d train, %d val, %d test slides",
@@ -496,7 +503,7 @@ def _train_fold(fold: FoldSplit, ctx: _FoldContext, history: IO[str]) -> dict[st
         "test": test_metrics,
         "test_cases": test_cases,
         "_predictions": [(p.key, p.bag_probabilities) for p in predictions],
-    }
+    }, writer.history_lines, writer.log_lines
 
 
 def _write_predictions(path: Path, rows: list[dict[str, Any]], classes: list[str]) -> None:
@@ -507,3 +514,10 @@ def _write_predictions(path: Path, rows: list[dict[str, Any]], classes: list[str
     for row in sorted(rows, key=lambda r: (r["fold"], r["slide_id"])):
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(path, buf.getvalue())
+
+
+def _file_bytes(path: Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return -1
