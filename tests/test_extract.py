@@ -592,3 +592,15 @@ def test_the_resolved_batch_size_is_recorded(cohort: list[Path], tmp_path: Path)
     cfg = fast_config().model_copy(update={"batch_size": None})
     assert run_extract(cohort[:1], tmp_path / "out", cfg, progress=False).exit_code == 0
     assert load_config(ExtractConfig, tmp_path / "out" / "config.yaml").batch_size == 8
+
+
+def test_quiet_reports_each_failed_slide_once(tmp_path: Path) -> None:
+    from wsi_mil.demo.broken import write_broken_slides
+
+    broken = write_broken_slides(tmp_path / "broken")
+    failing = [broken[k] for k in ("zero_bytes", "not_a_slide", "truncated")]
+    result = run_cli("-q", "extract", *map(str, failing), "--out", str(tmp_path / "out"), *FAST_ARGS)
+    assert result.returncode == 1, result.stderr
+    output = result.stdout + result.stderr
+    for path in failing:  # one line per failed slide (its message names the file too)
+        assert sum(path.stem in line for line in output.splitlines()) == 1, output

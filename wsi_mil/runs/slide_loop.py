@@ -286,7 +286,9 @@ def run_batch(
                 summary.records.append(record)
                 raise
             except WsiMilError as exc:
-                logger.warning("%s failed: %s: %s", slide_id, type(exc).__name__, exc)
+                # INFO: shown as it happens, and once more in the batch summary, which lists every failed
+                # slide; under -q (warnings only) the summary alone reports it, once
+                logger.info("%s failed: %s: %s", slide_id, type(exc).__name__, exc)
                 record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
             except Exception as exc:
                 logger.error("%s failed unexpectedly:\n%s", slide_id, traceback.format_exc())
