@@ -119,3 +119,42 @@ def test_auto_precision_keeps_lite0_at_fp32_on_cpu():
     assert resolve_precision("fp32", cpu, "resnet50_trunc") == "fp32"
     with pytest.raises(ConfigError, match="fp16"):
         resolve_precision("fp16", cpu)
+
+
+def test_each_help_states_the_real_default():
+    """Every "(default X)" in a command's --help is the default the command really uses."""
+    import re
+
+    from wsi_mil.cli.main import main
+    from wsi_mil.config import ExtractConfig, TilesConfig
+    from wsi_mil.config.heatmap import HeatmapConfig
+    from wsi_mil.config.train import TrainConfig
+    from wsi_mil.features.runtime import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+
+    tiles, extract, train, heatmap = TilesConfig(), ExtractConfig(), TrainConfig(), HeatmapConfig()
+    expected = {
+        ("tiles", "--mpp"): tiles.tiling.mpp, ("tiles", "--tile-px"): tiles.tiling.tile_px,
+        ("tiles", "--min-tissue"): tiles.tiling.min_tissue_fraction,
+        ("extract", "--mpp"): extract.tiling.mpp, ("extract", "--tile-px"): extract.tiling.tile_px,
+        ("extract", "--batch-size"): f"{CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA",
+        ("train", "--folds"): train.splits.folds, ("train", "--epochs"): train.training.epochs,
+        ("train", "--lr"): train.training.lr, ("train", "--seed"): train.seed,
+        ("train", "--id-col"): train.labels.id_col, ("train", "--label-col"): train.labels.label_col,
+        ("train", "--case-col"): train.labels.case_col,
+        ("heatmap", "--top-k"): heatmap.top_k, ("heatmap", "--max-side-px"): heatmap.max_side_px,
+        ("heatmap", "--smooth-um"): heatmap.smooth_sigma_um,
+    }
+    checked = set()
+    for name, command in main.commands.items():
+        for param in command.params:
+            match = re.search(r"\(default ([^);:]+)", getattr(param, "help", "") or "")
+            key = (name, param.opts[0])
+            if match is None or key not in expected:
+                continue
+            stated, real = match.group(1).strip(), expected[key]
+            if isinstance(real, float | int) and not isinstance(real, bool):
+                assert float(stated) == float(real), (key, stated, real)
+            else:
+                assert stated == str(real), (key, stated, real)
+            checked.add(key)
+    assert checked == set(expected)

@@ -30,7 +30,7 @@ from wsi_mil.cli.common import (
 @click.option("--random-init", is_flag=True, default=None, help="Random encoder weights (testing only; recorded in the output).")
 @tile_size_options
 @device_option()
-@click.option("--batch-size", type=int, default=None, help="Tiles per batch (default 32).")
+@click.option("--batch-size", type=int, default=None, help="Tiles per forward pass (default 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N loader processes; default: a reading thread on CPU, up to 8 processes on CUDA.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: bf16 where the hardware has it, else fp32.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
