@@ -152,9 +152,9 @@ def describe_scored_by(scored_by: str, n_checkpoints: int = 1) -> str:
     """How a slide was scored, in words for captions and pages (``""`` when the file does not say)."""
     kind, _, rest = scored_by.partition(":")
     if kind == "held_out":
-        return f"held-out {rest.replace('_', ' ')} (never trained on this slide)"
+        return f"held-out {rest.replace('_', ' ')}, never trained on this slide"
     if kind == "ensemble":
-        return f"average of {rest} checkpoint(s) that never trained on this slide"
+        return f"average of {rest} checkpoint(s), none trained on this slide"
     if kind == "in_sample":
         n = rest.rpartition(":")[2]
         return f"IN-SAMPLE: {n} checkpoint(s), some trained on this slide"
