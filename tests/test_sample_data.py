@@ -4,6 +4,7 @@ broken-slide zoo. One small cohort (4 slides at reduced physical size) is built 
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 from collections import Counter
@@ -12,10 +13,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+import wsi_mil.demo.cohort
+from wsi_mil.cli.sample_data import sample_data
 from wsi_mil.demo.broken import BROKEN_SLIDES, write_broken_slides
 from wsi_mil.demo.cohort import CohortInfo, SampleSlide, build_sample_cohort
-from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, WsiMilError
+from wsi_mil.errors import ConfigError, MissingMPPError, SlideOpenError, SlideReadError, WsiMilError
 from wsi_mil.slide import Backend, open_slide
 
 SCALE = 0.45  # physical size of the test slides relative to the default (lesions stay > 100 µm)
@@ -262,6 +266,187 @@ def test_argument_checks(tmp_path: Path) -> None:
         build_sample_cohort(tmp_path, n_slides=1)
     with pytest.raises(WsiMilError, match="scale"):
         build_sample_cohort(tmp_path, scale=0.0)
+
+
+# --- lesion knobs: share of the tissue, lesions per slide, kind ---------------------------------------
+KNOB_SCALE = 0.3
+
+
+@pytest.fixture(scope="module")
+def he_cohort(tmp_path_factory: pytest.TempPathFactory) -> CohortInfo:
+    """H&E carcinoma lesions: 10 % of each tumor slide's tissue, in 3 lesions."""
+    return build_sample_cohort(
+        tmp_path_factory.mktemp("he"),
+        n_slides=4,
+        scale=KNOB_SCALE,
+        lesion_share=0.1,
+        lesions_per_slide=3,
+        lesion_kind="he",
+    )
+
+
+@pytest.fixture(scope="module")
+def micro_cohort(tmp_path_factory: pytest.TempPathFactory) -> CohortInfo:
+    """Micro-lesions: 0.5 % of each tumor slide's tissue, in 1 to 3 lesions (down to ~20 x 20 µm here)."""
+    return build_sample_cohort(tmp_path_factory.mktemp("micro"), n_slides=4, seed=2, scale=SCALE, lesion_share=0.005)
+
+
+def _polygon_share(slide: SampleSlide) -> float:
+    """Lesion share measured apart from the generator: polygon areas (shoelace) over the tissue-truth area."""
+    area = 0.0
+    for feature in json.loads(slide.annotation_path.read_text())["features"]:
+        ring = np.asarray(feature["geometry"]["coordinates"][0], dtype=np.float64)
+        x, y = ring[:, 0], ring[:, 1]
+        area += 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+    return area / (float(_truth(slide).sum()) * slide.tissue_truth_downsample**2)
+
+
+@pytest.mark.parametrize(("name", "share"), [("micro_cohort", 0.005), ("he_cohort", 0.1)])
+def test_lesion_share_is_realised(name: str, share: float, request: pytest.FixtureRequest) -> None:
+    info: CohortInfo = request.getfixturevalue(name)
+    assert info.lesion_share == share and info.positives
+    meta = json.loads(info.cohort_json.read_text())
+    assert meta["lesion_share"] == share
+    for slide in info.positives:
+        # Recorded: lesion pixels over tissue pixels of the tissue-truth mask (at the work resolution).
+        assert slide.lesion_area_fraction == pytest.approx(share, rel=0.05), slide.slide_id
+        # Measured from the annotations and the tissue-truth PNG (polygons run through the boundary
+        # pixels' centres, the truth is coarse: a looser bound).
+        assert _polygon_share(slide) == pytest.approx(share, rel=0.15), slide.slide_id
+        assert slide.tissue_area_mm2 == pytest.approx(
+            _truth(slide).sum() * (slide.tissue_truth_downsample * slide.mpp) ** 2 / 1e6, rel=0.05
+        )
+    for slide in info.negatives:
+        assert slide.n_lesions == 0 and slide.lesion_area_fraction == 0
+
+
+def test_lesions_per_slide_gives_that_many_polygons(he_cohort: CohortInfo) -> None:
+    assert he_cohort.lesions_per_slide == 3 and he_cohort.lesion_kind == "he"
+    for slide in he_cohort.slides:
+        features = json.loads(slide.annotation_path.read_text())["features"]
+        expected = 3 if slide.label == "tumor" else 0
+        assert len(features) == slide.n_lesions == expected, slide.slide_id
+    for slide in he_cohort.positives:  # separate lesions, inside the tissue
+        truth = _truth(slide)
+        lesion = _lesion_mask(slide, truth.shape)
+        assert cv2.connectedComponents(lesion.astype(np.uint8))[0] - 1 == 3
+        assert (lesion & truth).sum() / lesion.sum() > 0.95
+
+
+def _lesion_and_tissue_rgb(info: CohortInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Mean RGB of lesion pixels and of other tissue pixels (pyramid level 1, away from lesion borders)."""
+    lesion_px, normal_px = [], []
+    for slide in info.positives:
+        with open_slide(slide.path) as s:
+            img = s.read_region((0, 0), 1, s.level_dimensions[1])
+            ds = s.level_downsamples[1]
+        h, w = img.shape[:2]
+        truth = cv2.resize(_truth(slide).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        mask = np.zeros((h, w), np.uint8)
+        for feature in json.loads(slide.annotation_path.read_text())["features"]:
+            ring = np.asarray(feature["geometry"]["coordinates"][0]) / ds
+            cv2.fillPoly(mask, [np.round(ring - 0.5).astype(np.int32)], 1)
+        kernel = np.ones((5, 5), np.uint8)
+        lesion = cv2.erode(mask, kernel).astype(bool) & truth
+        normal = ~cv2.dilate(mask, kernel, iterations=3).astype(bool) & cv2.erode(truth.astype(np.uint8), kernel).astype(bool)
+        lesion_px.append(img[lesion])
+        normal_px.append(img[normal])
+    return np.concatenate(lesion_px).mean(axis=0), np.concatenate(normal_px).mean(axis=0)
+
+
+def test_he_lesions_are_he_coloured_and_ihc_lesions_are_not(cohort: CohortInfo, he_cohort: CohortInfo) -> None:
+    """"he" lesions have the mean colour of the normal tissue around them (colour alone does not give
+    them away); the default IHC lesions are far off it (brown)."""
+    he_les, he_nor = _lesion_and_tissue_rgb(he_cohort)  # measured: gap 6.3
+    ihc_les, ihc_nor = _lesion_and_tissue_rgb(cohort)  # measured: gap 39.6
+    he_gap, ihc_gap = float(np.linalg.norm(he_les - he_nor)), float(np.linalg.norm(ihc_les - ihc_nor))
+    assert ihc_gap > 30, (ihc_les, ihc_nor)
+    assert he_gap < 12 and he_gap < ihc_gap / 3, (he_les, he_nor, ihc_gap)
+    # H&E-like: pink-purple (red and blue above green), as the normal tissue.
+    assert he_les[0] > he_les[1] + 25 and he_les[2] > he_les[1] + 15
+
+
+def test_default_knobs_change_nothing(tmp_path: Path) -> None:
+    """The knobs at their defaults, passed or not, write the same files (and no knob in cohort.json)."""
+    implicit = build_sample_cohort(tmp_path / "implicit", n_slides=2, seed=4, scale=0.15)
+    explicit = build_sample_cohort(
+        tmp_path / "explicit",
+        n_slides=2,
+        seed=4,
+        scale=0.15,
+        lesion_share=None,
+        lesions_per_slide=None,
+        lesion_kind="ihc",
+    )
+
+    def digests(root: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+        }
+
+    assert digests(implicit.out_dir) == digests(explicit.out_dir)
+    assert len(digests(implicit.out_dir)) == 2 + 3 * 2
+    meta = json.loads(implicit.cohort_json.read_text())
+    assert not {"lesion_share", "lesions_per_slide", "lesion_kind"} & set(meta)
+    assert "IHC" in meta["description"]
+
+
+def test_lesion_knobs_are_part_of_the_reuse_check(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    kw = {"n_slides": 2, "seed": 0, "scale": 0.15, "lesions_per_slide": 1}
+    assert build_sample_cohort(out, lesion_share=0.05, **kw).built
+    assert not build_sample_cohort(out, lesion_share=0.05, **kw).built
+    again = build_sample_cohort(out, lesion_share=0.1, **kw)
+    assert again.built and again.positives[0].lesion_area_fraction == pytest.approx(0.1, rel=0.05)
+    assert build_sample_cohort(out, lesion_share=0.1, lesion_kind="he", **kw).built
+    # The defaults do not reuse a cohort made with knobs, nor the other way round.
+    assert build_sample_cohort(out, n_slides=2, seed=0, scale=0.15).built
+    assert not build_sample_cohort(out, n_slides=2, seed=0, scale=0.15, lesion_kind="ihc").built
+    assert build_sample_cohort(out, n_slides=2, seed=0, scale=0.15, lesions_per_slide=2).built
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lesion_share": 0.001}, "lesion_share .* from 0.003 to 0.5"),
+        ({"lesion_share": 0.6}, "lesion_share"),
+        ({"lesion_share": float("nan")}, "lesion_share"),
+        ({"lesion_share": "0.1"}, "lesion_share"),
+        ({"lesion_share": True}, "lesion_share"),
+        ({"lesions_per_slide": 0}, "lesions_per_slide .* 1 to 8"),
+        ({"lesions_per_slide": 9}, "lesions_per_slide"),
+        ({"lesions_per_slide": 2.0}, "lesions_per_slide"),
+        ({"lesion_kind": "brown"}, "lesion_kind must be one of ihc, he"),
+        ({"lesion_share": 0.003, "lesions_per_slide": 8, "scale": 0.3}, r"as small as \d+ x \d+ µm"),
+    ],
+)
+def test_invalid_lesion_knobs_raise_config_errors(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build_sample_cohort(tmp_path / "c", n_slides=2, **kwargs)  # type: ignore[arg-type]
+    assert not (tmp_path / "c").exists()  # checked before anything is written
+
+
+def test_cli_passes_the_knobs_and_states_the_defaults(
+    he_cohort: CohortInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, object]] = []
+
+    def fake(out: Path, **kwargs: object) -> CohortInfo:
+        calls.append(kwargs)
+        return he_cohort
+
+    monkeypatch.setattr(wsi_mil.demo.cohort, "build_sample_cohort", fake)
+    args = [str(tmp_path), "--slides", "96", "--lesion-share", "0.005", "--lesions-per-slide", "3", "--lesion-kind", "he"]
+    result = CliRunner().invoke(sample_data, args)
+    assert result.exit_code == 0, result.output
+    assert calls[-1] == {"n_slides": 96, "seed": 0, "lesion_share": 0.005, "lesions_per_slide": 3, "lesion_kind": "he"}
+    result = CliRunner().invoke(sample_data, [str(tmp_path)])
+    assert calls[-1] == {"n_slides": 12, "seed": 0, "lesion_share": None, "lesions_per_slide": None, "lesion_kind": "ihc"}
+    bad = CliRunner().invoke(sample_data, [str(tmp_path), "--lesion-share", "0.9"])
+    assert bad.exit_code == 2 and "0.003<=x<=0.5" in bad.output
+    help_text = " ".join(CliRunner().invoke(sample_data, ["--help"]).output.split())
+    for text in ("0.003 to 0.5", "drawn per slide in 0.035-0.088", "1 to 3, drawn per slide", "[default: ihc]"):
+        assert text in help_text
 
 
 # --- the broken-slide zoo ------------------------------------------------------------------------------

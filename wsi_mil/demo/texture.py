@@ -2,6 +2,7 @@
 
 * :class:`ResampledSource` - one source image at the work resolution, with its tissue-rich crop positions;
 * :class:`Texture` - that source with one slide's stain jitter, cut into randomly turned patches;
+* :func:`match_mean_colour` - shifts an image's mean tissue colour (in CIELAB) onto another's;
 * :func:`quilt` - fills an area with such patches joined by soft, meandering seams;
 * :func:`smooth_noise` - low-frequency noise, also used for the seams and by :mod:`~wsi_mil.demo.shapes`.
 """
@@ -26,10 +27,19 @@ class ResampledSource:
 
 
 class Texture:
-    """A source at the work resolution with this slide's stain jitter, cut into soft-seamed patches."""
+    """A source at the work resolution with this slide's stain jitter, cut into soft-seamed patches.
 
-    def __init__(self, base: ResampledSource, rng: np.random.Generator) -> None:
-        self.image = _stain_jitter(base.image, rng)
+    The jitter (a factor per RGB channel's optical density) is drawn from ``rng``, or is ``stain``
+    (another texture's :attr:`stain`) to stain two sources of one slide alike.
+    """
+
+    def __init__(
+        self, base: ResampledSource, rng: np.random.Generator, *, stain: tuple[float, ...] | None = None
+    ) -> None:
+        if stain is None:
+            stain = tuple(float(rng.uniform(0.88, 1.12)) for _ in range(3))
+        self.stain = stain
+        self.image = _stain_jitter(base.image, stain)
         self.positions = base.positions
         self.patch_px = base.patch_px
         self.overlap_px = base.overlap_px
@@ -57,16 +67,27 @@ def seam_weight(p: int, overlap_px: int, rng: np.random.Generator) -> np.ndarray
     return np.clip((edge + wobble - overlap_px * 0.25) / (overlap_px * 0.5), 0.0, 1.0).astype(np.float32)
 
 
-def _stain_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Scale each channel's optical density by a random factor near 1 (a per-channel LUT)."""
+def _stain_jitter(img: np.ndarray, stain: tuple[float, ...]) -> np.ndarray:
+    """Scale each channel's optical density by its factor in ``stain`` (near 1; a per-channel LUT)."""
     levels = np.arange(256, dtype=np.float64)
     od = -np.log((levels + 1.0) / 256.0)
     out = np.empty_like(img)
-    for c in range(3):
-        k = rng.uniform(0.88, 1.12)
+    for c, k in enumerate(stain):
         lut = np.clip(256.0 * np.exp(-k * od) - 1.0, 0, 255).round().astype(np.uint8)
         out[..., c] = cv2.LUT(img[..., c], lut)
     return out
+
+
+def match_mean_colour(
+    img: np.ndarray, ref: np.ndarray, img_tissue: np.ndarray, ref_tissue: np.ndarray
+) -> np.ndarray:
+    """``img`` (RGB uint8) shifted in CIELAB so that its mean over ``img_tissue`` equals ``ref``'s over
+    ``ref_tissue`` (a mean-only Reinhard transfer: the spread of colours, hence the morphology, is kept)."""
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
+    ref_lab = cv2.cvtColor(ref, cv2.COLOR_RGB2LAB).astype(np.float32)
+    shift = ref_lab[ref_tissue].mean(axis=0) - lab[img_tissue].mean(axis=0)
+    lab = np.clip(lab + shift + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
 
 
 def quilt(
