@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -38,6 +38,9 @@ class SampleDataConfig(StrictModel):
 
     slides: int = Field(12, ge=4, le=500, description="slides, half tumor and half normal")
     seed: int = 0
+    lesion_share: float | None = Field(None, ge=0.003, le=0.5, description="lesion share of the tissue; null: drawn per slide")
+    lesions_per_slide: int | None = Field(None, ge=1, le=8, description="null: 1 to 3 drawn per slide")
+    lesion_kind: Literal["ihc", "he"] = Field("ihc", description="ihc: brown IHC lesions; he: H&E of another kind")
 
 
 class PipelineConfig(StrictModel):
@@ -156,7 +159,11 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool | None = None) -> Pipeli
     if cfg.sample_data is not None:
         from wsi_mil.demo.cohort import build_sample_cohort
 
-        info = build_sample_cohort(out / "cohort", n_slides=cfg.sample_data.slides, seed=cfg.sample_data.seed)
+        sd = cfg.sample_data
+        info = build_sample_cohort(
+            out / "cohort", n_slides=sd.slides, seed=sd.seed, lesion_share=sd.lesion_share,
+            lesions_per_slide=sd.lesions_per_slide, lesion_kind=sd.lesion_kind,
+        )
         slide_inputs: list[str] = [str(info.slides_dir)]
         labels_csv = info.labels_csv
         seconds["sample-data"] = time.perf_counter() - t0
