@@ -82,16 +82,18 @@ def methods(lambdas: tuple[float, ...] = LAMBDAS, omegas: tuple[float, ...] = OM
 
 @dataclass(frozen=True)
 class Settings:
+    """Cross-validation (seeds x folds), then the model and optimiser of every method."""
+
     seeds: int = 5
     folds: int = 5
+    val_fraction: float = 0.2
+    hidden_dims: tuple[int, ...] = (128,)
+    dropout: float = 0.25
     epochs: int = 30
     lr: float = 2e-4
     weight_decay: float = 1e-5
-    hidden_dims: tuple[int, ...] = (128,)
-    dropout: float = 0.25
     rampup_epochs: int = 10
     ema_beta: float = 0.6
-    val_fraction: float = 0.2
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float:
