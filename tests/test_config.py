@@ -129,9 +129,8 @@ def test_each_help_states_the_real_default():
     from wsi_mil.config import ExtractConfig, TilesConfig
     from wsi_mil.config.heatmap import HeatmapConfig
     from wsi_mil.config.train import TrainConfig
-    from wsi_mil.features.runtime import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
-
     from wsi_mil.config.view import ViewConfig
+    from wsi_mil.features.runtime import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 
     tiles, extract, train, heatmap, view = TilesConfig(), ExtractConfig(), TrainConfig(), HeatmapConfig(), ViewConfig()
     expected = {

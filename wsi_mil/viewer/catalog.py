@@ -306,6 +306,8 @@ class Catalog:
         return self.entries.get(slide_id)
 
     def viewable_ids(self) -> list[str]:
+        """The slides that can be shown, in the run's order (every slide verified first)."""
+        self.verify_all()
         return [sid for sid, e in self.entries.items() if e.viewable]
 
     def load_scores(self, entry: SlideEntry) -> SlideScores:

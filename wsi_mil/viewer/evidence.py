@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import cv2
@@ -32,13 +31,20 @@ import numpy as np
 
 from wsi_mil.config.heatmap import HeatmapConfig
 from wsi_mil.heatmap.export import rank_tiles
-from wsi_mil.heatmap.render import CanvasGeometry, paint_canvas, resolve_class, smooth, tile_values
+from wsi_mil.heatmap.render import (
+    CanvasGeometry,
+    TileValues,
+    paint_canvas,
+    resolve_class,
+    smooth,
+    tile_values,
+)
 from wsi_mil.slide.deepzoom import TileBox
 from wsi_mil.store.score_file import SlideScores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_LAYER", "LAYERS", "Evidence", "Layer", "LayerName"]
+__all__ = ["DEFAULT_LAYER", "LAYERS", "Evidence", "LayerName", "describe_layer"]
 
 LayerName = Literal["probability", "attention", "rank"]
 LAYERS: tuple[LayerName, ...] = ("probability", "attention", "rank")
@@ -49,27 +55,13 @@ _RASTER_PER_TILE = 4
 _MAX_RASTER_SIDE_PX = 4096
 
 
-@dataclass(frozen=True, eq=False)
-class Layer:
-    """The value of every tile on one colour scale."""
-
-    name: LayerName
-    values: np.ndarray  # (N,) float64
-    vmin: float
-    vmax: float
-    label: str
-    short: str
-    class_name: str | None
-    ticks: tuple[float, ...]
-    tick_labels: tuple[str, ...]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "vmin": self.vmin, "vmax": self.vmax, "label": self.label, "short": self.short,
-            "class_name": self.class_name, "ticks": list(self.ticks),
-            "tick_labels": [t.replace("\n", " ") for t in self.tick_labels],
-            "fixed": self.name != "rank",
-        }
+def describe_layer(name: LayerName, layer: TileValues) -> dict[str, Any]:
+    """The legend of a layer, for the slide page (``fixed``: the same scale on every slide)."""
+    return {
+        "name": name, "vmin": layer.vmin, "vmax": layer.vmax, "label": layer.label, "short": layer.short,
+        "class_name": layer.class_name, "ticks": list(layer.ticks),
+        "tick_labels": [t.replace("\n", " ") for t in layer.tick_labels], "fixed": layer.scale != "rank",
+    }
 
 
 def layer_config(name: LayerName, class_name: str | None) -> HeatmapConfig:
@@ -97,7 +89,7 @@ class Evidence:
         self.attention_rank = np.empty(self.n, np.int64)
         self.attention_rank[order] = np.arange(1, self.n + 1)
         self.default_class = resolve_class(scores, None) if scores.class_names else ""
-        self._layers: dict[tuple[str, str], Layer] = {}
+        self._layers: dict[tuple[str, str], TileValues] = {}
         self._rasters: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
         self._lock = threading.Lock()
 
@@ -105,33 +97,32 @@ class Evidence:
     def class_names(self) -> tuple[str, ...]:
         return self.scores.class_names
 
-    def layer(self, name: LayerName, class_name: str | None = None) -> Layer:
-        """Layer ``name``; ``class_name`` (probability only) defaults to the positive class of a binary model."""
+    def layer(self, name: LayerName, class_name: str | None = None) -> TileValues:
+        """Layer ``name``: every tile's value and the scale; ``class_name`` (probability only) defaults to the
+        positive class of a binary model."""
         cls = (class_name or self.default_class) if name == "probability" else ""
         key = (name, cls)
         with self._lock:
             cached = self._layers.get(key)
         if cached is not None:
             return cached
-        tv = tile_values(self.scores, layer_config(name, cls or None))
-        layer = Layer(name, np.asarray(tv.values, np.float64), tv.vmin, tv.vmax, tv.label, tv.short, tv.class_name,
-                      tv.ticks, tv.tick_labels)
+        layer = tile_values(self.scores, layer_config(name, cls or None))
         with self._lock:
             self._layers[key] = layer
         return layer
 
-    def lut_index(self, layer: Layer, values: np.ndarray) -> np.ndarray:
+    def lut_index(self, layer: TileValues, values: np.ndarray) -> np.ndarray:
         """Colour-table index of ``values`` on ``layer``'s scale (matplotlib's rule: floor(t * 256), 255 at t = 1)."""
         span = layer.vmax - layer.vmin if layer.vmax > layer.vmin else 1.0
         t = np.clip((np.asarray(values, np.float64) - layer.vmin) / span, 0.0, 1.0)
         return np.minimum((t * 256).astype(np.int64), 255)
 
-    def colour_of(self, layer: Layer, value: float) -> tuple[int, int, int]:
+    def colour_of(self, layer: TileValues, value: float) -> tuple[int, int, int]:
         r, g, b = self.lut[int(self.lut_index(layer, np.array([value]))[0])]
         return int(r), int(g), int(b)
 
     # --- overlay tiles ------------------------------------------------------------------------------
-    def paint(self, layer: Layer, box: TileBox, *, smoothed: bool = False) -> np.ndarray:
+    def paint(self, layer: TileValues, box: TileBox, *, smoothed: bool = False) -> np.ndarray:
         """RGBA uint8 ``(h, w, 4)`` of ``layer`` over deep-zoom tile ``box``; alpha 0 where nothing was scored."""
         h, w = box.height, box.width
         rgba = np.zeros((h, w, 4), np.uint8)
@@ -158,9 +149,9 @@ class Evidence:
             rgba[valid, 3] = 255
         return rgba
 
-    def _raster(self, layer: Layer) -> tuple[np.ndarray, np.ndarray, float]:
+    def _raster(self, layer: TileValues) -> tuple[np.ndarray, np.ndarray, float]:
         """(smoothed values with 0 outside, weights, level-0 px per raster px) of the whole slide."""
-        key = (layer.name, layer.class_name or "")
+        key = (layer.scale, layer.class_name or "")
         with self._lock:
             cached = self._rasters.get(key)
         if cached is not None:
@@ -178,7 +169,7 @@ class Evidence:
             self._rasters[key] = result
         return result
 
-    def _sample_smoothed(self, layer: Layer, x0: int, y0: int, w: int, h: int, ds: int) -> np.ndarray:
+    def _sample_smoothed(self, layer: TileValues, x0: int, y0: int, w: int, h: int, ds: int) -> np.ndarray:
         values, weights, g = self._raster(layer)
         scale = ds / g
         m = np.array([[scale, 0.0, (x0 + 0.5 * ds) / g - 0.5], [0.0, scale, (y0 + 0.5 * ds) / g - 0.5]])
@@ -220,7 +211,7 @@ class Evidence:
             "values": {name: float(self.layer(name, class_name).values[i]) for name in LAYERS},
         }
 
-    def ranked(self, layer: Layer, k: int) -> tuple[list[int], list[int]]:
+    def ranked(self, layer: TileValues, k: int) -> tuple[list[int], list[int]]:
         """Indices of the ``k`` highest and ``k`` lowest tiles of ``layer`` (ties broken by attention)."""
         top, bottom = rank_tiles(layer.values, self.scores.attention, max(0, k))
         return [int(i) for i in top], [int(i) for i in bottom]

@@ -23,7 +23,7 @@ from wsi_mil.viewer.service import ViewerService
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ViewerServer", "is_loopback"]
+__all__ = ["ViewerServer", "is_loopback", "warn_if_exposed"]
 
 
 def is_loopback(host: str) -> bool:
@@ -35,6 +35,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_exposed(host: str, port: int) -> None:
+    """Log a warning when ``host`` is not a loopback address (the server is then reachable from elsewhere)."""
+    if not is_loopback(host):
+        logger.warning(
+            "serving on %s, not only on this machine: anyone who can reach it on port %d sees these slides "
+            "and predictions (there is no login). Use --host 127.0.0.1 unless that is what you want.",
+            host, port,
+        )
+
+
 class ViewerServer:
     """One viewer over one run's :class:`Catalog`, bound to ``cfg.host:cfg.port`` on construction."""
 
@@ -44,12 +54,7 @@ class ViewerServer:
         self.cfg = cfg or ViewConfig()
         self.service = ViewerService(catalog, self.cfg)
         app = create_app(self.service)
-        if not is_loopback(self.cfg.host):
-            logger.warning(
-                "serving on %s, not only on this machine: anyone who can reach it on port %d sees these slides "
-                "and predictions (there is no login). Use --host 127.0.0.1 unless that is what you want.",
-                self.cfg.host, self.cfg.port,
-            )
+        warn_if_exposed(self.cfg.host, self.cfg.port)
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -74,8 +79,13 @@ class ViewerServer:
         shown = f"[{host}]" if ":" in host else ("127.0.0.1" if host in ("0.0.0.0", "") else host)  # noqa: S104
         return f"http://{shown}:{self.port}/"
 
+    def _check_slides_in_background(self) -> None:
+        """Verify every slide (file present, fingerprint) while the first pages load, not on the first click."""
+        threading.Thread(target=self.service.catalog.verify_all, name="wsi-mil-view-check", daemon=True).start()
+
     def run(self) -> None:
         """Serve until interrupted (Ctrl-C), then close the slides."""
+        self._check_slides_in_background()
         try:
             self._server.run(sockets=[self._socket])
         finally:
@@ -83,6 +93,7 @@ class ViewerServer:
 
     def start(self, timeout_s: float = 10.0) -> ViewerServer:
         """Serve from a background thread; returns once the server accepts requests."""
+        self._check_slides_in_background()
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="wsi-mil-view", daemon=True)
         self._thread.start()

@@ -30,7 +30,7 @@ from wsi_mil.store.geojson import read_polygons
 from wsi_mil.store.heatmap_file import read_heatmap_h5
 from wsi_mil.viewer.cache import SlideCache
 from wsi_mil.viewer.catalog import Catalog, SlideEntry
-from wsi_mil.viewer.evidence import LAYERS, Evidence, LayerName
+from wsi_mil.viewer.evidence import LAYERS, Evidence, LayerName, describe_layer
 
 logger = logging.getLogger(__name__)
 
@@ -303,10 +303,11 @@ class ViewerService:
         entry = self.entry(slide_id)
         ev = self.evidence(entry)
         cls = self.class_name(ev, class_name)
-        lay = ev.layer(self.layer_name(layer), cls)
+        name = self.layer_name(layer)
+        lay = ev.layer(name, cls)
         top, bottom = ev.ranked(lay, self.cfg.top_k if k is None else max(1, min(k, 64)))
         return {
-            **lay.describe(),
+            **describe_layer(name, lay),
             "top": [ev.readout(i, cls) for i in top],
             "bottom": [ev.readout(i, cls) for i in bottom],
         }

@@ -29,7 +29,10 @@
   }
   function fmt(v, digits) { return (v === null || v === undefined || isNaN(v)) ? '–' : Number(v).toFixed(digits); }
   function fmtValue(layer, v) {
-    if (layer === 'attention') { return (v >= 0 ? Math.pow(2, v).toFixed(2) : '1/' + Math.pow(2, -v).toFixed(2)) + '× uniform'; }
+    if (layer === 'attention') {  // log2(n·α), clipped at ±4
+      var m = Math.pow(2, v), text = m >= 10 ? m.toFixed(0) : m.toPrecision(2);
+      return 'n·α ' + (v >= 4 ? '≥ ' : (v <= -4 ? '≤ ' : '')) + text + '×';
+    }
     if (layer === 'rank') { return fmt(v, 1) + ' pct'; }
     return fmt(v, 3);
   }
@@ -343,6 +346,7 @@
   // --- start ------------------------------------------------------------------------------------------
   function unavailable() {
     var nb = neighbours();
+    app.className = 'slidepage';
     app.appendChild(header(nb));
     app.appendChild(el('div', {'class': 'banner', id: 'unavailable'}, [
       el('b', {text: 'This slide cannot be shown: ' + info.status}), el('br'), info.reason || '',
