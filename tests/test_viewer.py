@@ -352,3 +352,26 @@ def test_memory_and_handles_stay_bounded_while_panning(run: ViewerRun) -> None:
         assert service.slides.opened == 1  # one client at a time: one handle, opened once and reused
     finally:
         service.close()
+
+
+def test_the_set_up_installs_openseadragon_from_npm_and_the_image_carries_it() -> None:
+    """OpenSeadragon comes from the npm registry at the locked version, in `make setup` and in the Docker build."""
+    package = json.loads((ROOT / "package.json").read_text())
+    lock = json.loads((ROOT / "package-lock.json").read_text())
+    version = package["dependencies"]["openseadragon"]
+    assert lock["packages"]["node_modules/openseadragon"]["version"] == version
+    assert lock["packages"]["node_modules/openseadragon"]["integrity"].startswith("sha512-")  # npm ci checks it
+    makefile = (ROOT / "Makefile").read_text()
+    assert "npm ci" in makefile and re.search(r"^setup: .*\$\(NODE_STAMP\)", makefile, re.M)
+    assert re.search(r"^test: .*\$\(NODE_STAMP\)", makefile, re.M)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "npm ci" in dockerfile and "WSI_MIL_OPENSEADRAGON=/opt/wsi-mil/openseadragon" in dockerfile
+    assert "COPY --from=viewer-assets /assets/node_modules/openseadragon/build/openseadragon /opt/wsi-mil/openseadragon" in dockerfile
+
+
+@pytest.mark.slow
+def test_the_viewer_benchmark_runs(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "viewer.py"), "--quick", "--cache", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert "targets:" in proc.stdout and "errors at 32 clients 0 (0)" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -126,6 +126,10 @@ def test_the_slide_page_draws_the_slide_and_the_overlay_toggles(
     mx, my = (float(v) + case.footprint / 2 for v in case.coords[case.mark_index])
     sx, sy = on_screen(browser, mx, my)
     assert np.abs(img[int(sy), int(sx)].astype(int) - MARK_RGB).max() < 30  # the marked tile, no colour on it
+    browser.move(sx, sy)  # the read-out of the tile under the pointer
+    text = browser.wait_for("document.getElementById('readout').textContent")
+    n = len(case.coords)
+    assert f"tile {case.mark_index} at (" in text and f"rank 1 of {n}" in text and "P(tumor)" in text
     browser.key("o")  # overlay on
     assert browser.wait_for("wsiView.overlayItem.getOpacity() === 0.5 && document.getElementById('overlay').checked")
     settle(browser)

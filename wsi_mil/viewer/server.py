@@ -56,7 +56,9 @@ class ViewerServer:
         app = create_app(self.service)
         warn_if_exposed(self.cfg.host, self.cfg.port)
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named explicitly: asyncio then sets TCP_NODELAY on every accepted connection (a socket of
+        # protocol 0 keeps Nagle's algorithm, and each response waits ~40 ms for the client's delayed ACK)
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((self.cfg.host, self.cfg.port))
