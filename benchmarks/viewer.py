@@ -16,8 +16,8 @@ one connection each), on tiles over the scored tissue at full resolution and at 
 for the slide JPEG, the overlay JPEG (evidence colours over the slide; what the issue measures) and the
 overlay PNG (the transparent layer the browser draws). Latency is per request, send to last byte. Request
 counts are fixed and every phase has a deadline. A last run pans one client along three full-width
-sweeps of the slide at full resolution (about 1,200 tiles) and a zoom out and in, sampling the server's
-resident memory (VmRSS) every 0.2 s.
+sweeps of the slide at full resolution (slide and overlay tiles, about 2,400 requests) and a zoom out
+and in, sampling the server's resident memory (VmRSS) every 0.2 s.
 
     .venv/bin/python benchmarks/viewer.py [--out benchmarks/results/viewer.txt] [--quick]
 
@@ -84,13 +84,12 @@ def prepare_run(cache: Path, quick: bool) -> tuple[Path, str]:
     else:
         from heatmap import write_bench_scores, write_slide
 
-        slide = cache / "heatmap_100000x80000_0.25mpp_v1.tif"
-        setup = f"reusing {slide}"
-        if not slide.exists():
-            t = time.perf_counter()
+        slide = cache / "heatmap_100000x80000_0.25mpp_v1.tif"  # the slide of benchmarks/heatmap.py, shared
+        t, made = time.perf_counter(), not slide.exists()
+        if made:
             write_slide(slide)
-            setup = f"wrote {slide} in {time.perf_counter() - t:.0f} s"
-        setup += f" ({slide.stat().st_size / 2**20:.0f} MiB)"
+        how = f"wrote in {time.perf_counter() - t:.0f} s" if made else "reused"
+        setup = f"{slide} ({how}, {slide.stat().st_size / 2**20:.0f} MiB)"
         run = cache / "viewer_run_v1"
         score = run / "predict" / "scores" / f"{slide.stem}.h5"
         if not score.exists():
@@ -368,6 +367,14 @@ def report(rows: list[dict[str, object]], panned: dict[str, object], setup: str,
     return "\n".join(lines) + "\n", met
 
 
+def emit(text: str, out: Path | None) -> None:
+    """Print the report, and keep it in ``out`` when given."""
+    sys.stdout.write(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
@@ -385,10 +392,7 @@ def main() -> int:
     rows, info = measure(run, per_client)
     panned = pan(run, info, sweeps=1 if args.quick else 3, quick=args.quick)
     text, met = report(rows, panned, setup, load_before, args.quick)
-    print(text, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+    emit(text, args.out)
     return 0 if met else 1
 
 

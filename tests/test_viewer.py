@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from viewer_fixtures import (
 from wsi_mil.cli.main import main
 from wsi_mil.config import load_config
 from wsi_mil.config.view import ViewConfig
-from wsi_mil.errors import InputError
+from wsi_mil.errors import InputError, NotServedError
 from wsi_mil.slide import open_slide
 from wsi_mil.slide.deepzoom import DeepZoomGrid, TileRequestError, read_tile
 from wsi_mil.viewer import Catalog, ViewerServer, ViewerService, is_loopback
@@ -375,3 +376,38 @@ def test_the_viewer_benchmark_runs(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "viewer.py"), "--quick", "--cache", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=env, check=False)
     assert "targets:" in proc.stdout and "errors at 32 clients 0 (0)" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_a_slide_file_deleted_while_serving_becomes_missing_and_the_others_serve(run: ViewerRun, tmp_path: Path) -> None:
+    moved = tmp_path / "tumor_a.tif"
+    shutil.copyfile(run.cases["tumor_a"].slide, moved)
+    other = run.cases["case c é"].slide
+    service = ViewerService(Catalog.open(run.root, slides=[moved, other]))
+    try:
+        assert service.catalog.entries["normal_b"].status == "missing"  # not among --slides
+        assert service.slide_tile("tumor_a", 12, 0, 0)[:2] == b"\xff\xd8"
+        moved.unlink()
+        service.slides.forget("tumor_a")  # the handle is gone (evicted); the next read must open the file again
+        with pytest.raises(NotServedError):
+            service.slide_tile("tumor_a", 12, 1, 0)
+        assert service.catalog.entries["tumor_a"].status == "missing"
+        assert service.slide_tile("case c é", 11, 0, 0)[:2] == b"\xff\xd8"
+    finally:
+        service.close()
+
+
+def test_openslide_handles_can_share_one_decoded_tile_cache(run: ViewerRun) -> None:
+    path = run.cases["normal_b"].slide
+    with open_slide(path, backend="openslide") as own, open_slide(path, backend="openslide") as shared:
+        shared.share_tile_cache(8 * 1024 * 1024)
+        other = open_slide(path, backend="openslide")
+        other.share_tile_cache(8 * 1024 * 1024)
+        assert shared._shared_cache is other._shared_cache is not None  # one cache per capacity, process-wide
+        expected = own.read_region((300, 200), 0, (400, 300))
+        np.testing.assert_array_equal(shared.read_region((300, 200), 0, (400, 300)), expected)
+        shared.reopen()  # a fresh handle keeps the shared cache
+        np.testing.assert_array_equal(shared.read_region((300, 200), 0, (400, 300)), expected)
+        other.close()
+    with open_slide(run.cases["tumor_a"].slide, backend="tiffslide") as plain:
+        plain.share_tile_cache(8 * 1024 * 1024)  # nothing to share: ignored
+        assert plain.read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)

@@ -33,6 +33,10 @@ class ViewConfig(StrictModel):
     handles_per_slide: int = Field(4, ge=1, le=64)
     #: encoded tiles kept in memory (MiB; 0: none)
     tile_cache_mb: int = Field(64, ge=0, le=4096)
+    #: decoded slide tiles kept by OpenSlide, one cache shared by every open handle (MiB)
+    decode_cache_mb: int = Field(64, ge=1, le=4096)
+    #: threads that read and encode tiles (more requests wait; each thread also holds its own allocator arena)
+    worker_threads: int = Field(8, ge=1, le=128)
 
     @model_validator(mode="after")
     def _check_colormap(self) -> ViewConfig:

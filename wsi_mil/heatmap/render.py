@@ -164,7 +164,7 @@ def tile_values(scores: SlideScores, cfg: HeatmapConfig) -> TileValues:
         values = scores.instance_probabilities[:, scores.class_index(cls)].astype(np.float64) if n else np.zeros(0)
         return TileValues(
             values, "probability", "probability", 0.0, 1.0,
-            f"P({cls}) of each tile (the model's shared classifier)", f"P({cls}) per tile", cls,
+            f"P({cls}) of each tile (fixed scale 0 to 1, the same on every slide)", f"P({cls}) per tile, fixed 0-1", cls,
             (0.0, 0.25, 0.5, 0.75, 1.0), ("0", "0.25", "0.5", "0.75", "1"),
         )
     if cfg.attention_scale == "rank":

@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -212,18 +214,28 @@ def create_app(service: ViewerService) -> Starlette:
             raise InputError("a tile crop is named <tile index>.jpeg")
         return Response(service.crop(slide_id, match.group(1)), media_type="image/jpeg", headers=_CACHE)
 
+    limiter = anyio.CapacityLimiter(service.cfg.worker_threads)
+
+    def threaded(handler: Callable[[Request], Response]) -> Callable[[Request], Awaitable[Response]]:
+        """A blocking handler run in the viewer's own bounded pool of threads (slide reads, encoding)."""
+
+        async def run(request: Request) -> Response:
+            return await anyio.to_thread.run_sync(handler, request, limiter=limiter)
+
+        return run
+
     routes: list[Route | Mount] = [
         Route("/", cohort_page),
         Route("/slide/{slide_id}", slide_page),
         Route("/api/ping", ping),
-        Route("/api/slides", slides_api),
-        Route("/api/slide/{slide_id}", slide_api),
-        Route("/api/slide/{slide_id}/layer/{layer}", layer_api),
-        Route("/api/slide/{slide_id}/tile_at", tile_at_api),
-        Route("/api/slide/{slide_id}/{which}.json", polygons_api),
-        Route("/tiles/{slide_id}/{level}/{name}", slide_tile),
-        Route("/overlay/{slide_id}/{layer}/{level}/{name}", overlay_tile),
-        Route("/crop/{slide_id}/{name}", crop),
+        Route("/api/slides", threaded(slides_api)),
+        Route("/api/slide/{slide_id}", threaded(slide_api)),
+        Route("/api/slide/{slide_id}/layer/{layer}", threaded(layer_api)),
+        Route("/api/slide/{slide_id}/tile_at", threaded(tile_at_api)),
+        Route("/api/slide/{slide_id}/{which}.json", threaded(polygons_api)),
+        Route("/tiles/{slide_id}/{level}/{name}", threaded(slide_tile)),
+        Route("/overlay/{slide_id}/{layer}/{level}/{name}", threaded(overlay_tile)),
+        Route("/crop/{slide_id}/{name}", threaded(crop)),
         Mount("/static", app=_OutputFiles(directory=STATIC_DIR)),
     ]
     if osd is not None:

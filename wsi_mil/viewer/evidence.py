@@ -55,12 +55,22 @@ _RASTER_PER_TILE = 4
 _MAX_RASTER_SIDE_PX = 4096
 
 
+#: what the legend says about each layer's scale
+SCALE_NOTES: dict[str, str] = {
+    "probability": "Fixed scale, the same on every slide: a slide without evidence stays cold (blue).",
+    "attention": "Fixed scale, the same on every slide; but attention sums to 1 over each slide's tiles, so some "
+                 "tiles of every slide stand out, negative slides too: where the model looked, not what it found.",
+    "rank": "Per-slide scale: every slide spans the whole range, so colours cannot be compared across slides.",
+}
+
+
 def describe_layer(name: LayerName, layer: TileValues) -> dict[str, Any]:
     """The legend of a layer, for the slide page (``fixed``: the same scale on every slide)."""
     return {
         "name": name, "vmin": layer.vmin, "vmax": layer.vmax, "label": layer.label, "short": layer.short,
         "class_name": layer.class_name, "ticks": list(layer.ticks),
         "tick_labels": [t.replace("\n", " ") for t in layer.tick_labels], "fixed": layer.scale != "rank",
+        "scale_note": SCALE_NOTES[name],
     }
 
 
@@ -89,6 +99,9 @@ class Evidence:
         self.attention_rank = np.empty(self.n, np.int64)
         self.attention_rank[order] = np.arange(1, self.n + 1)
         self.default_class = resolve_class(scores, None) if scores.class_names else ""
+        #: tiles in order of their left edge, so that a window's tiles are one slice (then a test on y)
+        self._by_x = np.argsort(self.coords[:, 0], kind="stable")
+        self._xs = self.coords[self._by_x, 0]
         self._layers: dict[tuple[str, str], TileValues] = {}
         self._rasters: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, float]] = {}
         self._lock = threading.Lock()
@@ -134,11 +147,10 @@ class Evidence:
             heat = self._sample_smoothed(layer, x0, y0, w, h, ds)
         else:
             f = self.footprint
-            inside = (
-                (self.coords[:, 0] < x0 + w * ds) & (self.coords[:, 0] + f > x0)
-                & (self.coords[:, 1] < y0 + h * ds) & (self.coords[:, 1] + f > y0)
-            )
-            if not inside.any():
+            inside = self._in_columns(x0 - f, x0 + w * ds)
+            ys = self.coords[inside, 1]
+            inside = inside[(ys < y0 + h * ds) & (ys + f > y0)]
+            if inside.size == 0:
                 return rgba
             window = CanvasGeometry(w, h, (w * ds, h * ds), 1.0, float(ds))
             heat, _ = paint_canvas(self.coords[inside], f, layer.values[inside], window,
@@ -148,6 +160,12 @@ class Evidence:
             rgba[valid, :3] = self.lut[self.lut_index(layer, heat[valid])]
             rgba[valid, 3] = 255
         return rgba
+
+    def _in_columns(self, left: float, right: float) -> np.ndarray:
+        """Indices of the tiles whose left edge lies in ``(left, right)`` (level-0 x)."""
+        lo = int(np.searchsorted(self._xs, left, side="right"))
+        hi = int(np.searchsorted(self._xs, right, side="left"))
+        return self._by_x[lo:hi]
 
     def _raster(self, layer: TileValues) -> tuple[np.ndarray, np.ndarray, float]:
         """(smoothed values with 0 outside, weights, level-0 px per raster px) of the whole slide."""
@@ -185,9 +203,9 @@ class Evidence:
         if self.n == 0:
             return None
         f = self.footprint
-        hit = np.flatnonzero(
-            (self.coords[:, 0] <= x) & (x < self.coords[:, 0] + f) & (self.coords[:, 1] <= y) & (y < self.coords[:, 1] + f)
-        )
+        near = self._in_columns(x - f, x + 1e-9)
+        ys = self.coords[near, 1]
+        hit = near[(ys <= y) & (y < ys + f)]
         if hit.size == 0:
             return None
         centres = self.coords[hit] + f / 2.0

@@ -81,9 +81,14 @@ def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
+#: flat colour cells: the "sub" filter and run-length coding encode a tile in under 1 ms to a few kB
+_PNG_FAST = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11
+    _PNG_FAST += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+
+
 def _png_rgba(rgba: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2BGRA),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgba), cv2.COLOR_RGBA2BGRA), _PNG_FAST)
     if not ok:  # pragma: no cover
         raise ValueError("could not encode a PNG tile")
     return buf.tobytes()
@@ -111,6 +116,7 @@ class ViewerService:
         fast = choose_reader(slide, self.catalog.backend)
         if fast is not slide:
             slide.close()
+        fast.share_tile_cache(self.cfg.decode_cache_mb * 1024 * 1024)
         return fast
 
     def entry(self, slide_id: str) -> SlideEntry:

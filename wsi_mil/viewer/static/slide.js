@@ -186,9 +186,8 @@
       var pos = (t - layerInfo.vmin) / span * 100;
       ticks.appendChild(el('span', {style: 'left:' + pos + '%', text: layerInfo.tick_labels[k]}));
     });
-    var scale = layerInfo.fixed ?
-      el('div', {'class': 'scale ok', text: 'Fixed scale, the same on every slide: a slide without evidence stays cold (blue).'}) :
-      el('div', {'class': 'scale bad', text: 'Per-slide scale: every slide spans the whole range, so do not compare colours across slides.'});
+    var tone = {probability: ' ok', rank: ' bad'}[layerInfo.name] || '';
+    var scale = el('div', {'class': 'scale' + tone, id: 'scale-note', text: layerInfo.scale_note});
     box.appendChild(el('div', {'class': 'title', id: 'legend-title', text: layerInfo.label}));
     box.appendChild(canvas);
     box.appendChild(ticks);
