@@ -184,7 +184,8 @@
     var span = layerInfo.vmax - layerInfo.vmin || 1;
     layerInfo.ticks.forEach(function (t, k) {
       var pos = (t - layerInfo.vmin) / span * 100;
-      ticks.appendChild(el('span', {style: 'left:' + pos + '%', text: layerInfo.tick_labels[k]}));
+      var shift = pos <= 0 ? '-8px' : (pos >= 100 ? 'calc(-100% + 8px)' : '-50%');  // end labels stay inside
+      ticks.appendChild(el('span', {style: 'left:' + pos + '%;transform:translateX(' + shift + ')', text: layerInfo.tick_labels[k]}));
     });
     var tone = {probability: ' ok', rank: ' bad'}[layerInfo.name] || '';
     var scale = el('div', {'class': 'scale' + tone, id: 'scale-note', text: layerInfo.scale_note});
