@@ -129,9 +129,10 @@ def test_each_help_states_the_real_default():
     from wsi_mil.config import ExtractConfig, TilesConfig
     from wsi_mil.config.heatmap import HeatmapConfig
     from wsi_mil.config.train import TrainConfig
+    from wsi_mil.config.view import ViewConfig
     from wsi_mil.features.runtime import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 
-    tiles, extract, train, heatmap = TilesConfig(), ExtractConfig(), TrainConfig(), HeatmapConfig()
+    tiles, extract, train, heatmap, view = TilesConfig(), ExtractConfig(), TrainConfig(), HeatmapConfig(), ViewConfig()
     expected = {
         ("tiles", "--mpp"): tiles.tiling.mpp, ("tiles", "--tile-px"): tiles.tiling.tile_px,
         ("tiles", "--min-tissue"): tiles.tiling.min_tissue_fraction,
@@ -143,6 +144,8 @@ def test_each_help_states_the_real_default():
         ("train", "--case-col"): train.labels.case_col,
         ("heatmap", "--top-k"): heatmap.top_k, ("heatmap", "--max-side-px"): heatmap.max_side_px,
         ("heatmap", "--smooth-um"): heatmap.smooth_sigma_um,
+        ("view", "--port"): view.port, ("view", "--host"): view.host, ("view", "--layer"): view.layer,
+        ("view", "--top-k"): view.top_k,
     }
     checked = set()
     for name, command in main.commands.items():

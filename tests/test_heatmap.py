@@ -219,13 +219,17 @@ def test_rank_percentile() -> None:
 
 def test_attention_scales() -> None:
     att = np.array([0.8, 0.05, 0.05, 0.1, 0.0])
-    rank = tile_values(fake_scores(att), HeatmapConfig())
+    default = HeatmapConfig()  # the default: each tile's P(class) on the fixed 0-1 scale; attention: fixed log2
+    assert (default.score, default.attention_scale) == ("probability", "fixed")
+    prob = tile_values(fake_scores(att), default)
+    assert prob.scale == "probability" and (prob.vmin, prob.vmax) == (0, 1)
+    rank = tile_values(fake_scores(att), HeatmapConfig(score="attention", attention_scale="rank"))
     assert rank.scale == "rank" and rank.values.argmax() == 0 and (rank.vmin, rank.vmax) == (0, 100)
-    fixed = tile_values(fake_scores(att), HeatmapConfig(attention_scale="fixed", attention_log2_max=1.5))
+    fixed = tile_values(fake_scores(att), HeatmapConfig(score="attention", attention_scale="fixed", attention_log2_max=1.5))
     # n·α = 4, 0.25, 0.25, 0.5, 0 -> log2 = 2, -2, -2, -1, -inf, clipped to [-1.5, 1.5]
     np.testing.assert_allclose(fixed.values, [1.5, -1.5, -1.5, -1.0, -1.5])
     assert "same on every slide" in fixed.label and "1×" in fixed.tick_labels
-    uniform = tile_values(fake_scores(np.full(8, 1 / 8)), HeatmapConfig(attention_scale="fixed"))
+    uniform = tile_values(fake_scores(np.full(8, 1 / 8)), HeatmapConfig(score="attention"))
     np.testing.assert_allclose(uniform.values, 0.0, atol=1e-12)
 
 
@@ -304,7 +308,8 @@ def test_alignment_golden(tmp_path: Path, fmt: str, mpp: float) -> None:
     pixel), and the top-1 exported tile equals the region read at its coordinates."""
     case = make_case(tmp_path, f"golden_{fmt}", fmt=fmt, mpp=mpp)
     out = tmp_path / "out"
-    result = run_heatmap([case.slide], tmp_path / "predict", out, HeatmapConfig(max_side_px=512), progress=False)
+    cfg = HeatmapConfig(score="attention", attention_scale="rank", max_side_px=512)  # the per-slide rank scale
+    result = run_heatmap([case.slide], tmp_path / "predict", out, cfg, progress=False)
     assert result.exit_code == 0, result.text()
     folder = out / case.slide.stem
     with h5py.File(folder / "heatmap.h5") as fh:
@@ -386,7 +391,7 @@ def test_scores_that_do_not_fit_the_slide_fail_with_a_message(tmp_path: Path) ->
 def test_probability_score_and_fixed_scale(tmp_path: Path) -> None:
     case = make_case(tmp_path, "p", size=(1600, 1200), mark=(3, 2))
     for cfg in (HeatmapConfig(score="probability", max_side_px=300, top_k=2, smooth_sigma_um=40.0),
-                HeatmapConfig(attention_scale="fixed", max_side_px=300, top_k=2, write_geojson=False)):
+                HeatmapConfig(score="attention", attention_scale="fixed", max_side_px=300, top_k=2, write_geojson=False)):
         out = tmp_path / f"out_{cfg.score}_{cfg.attention_scale}"
         assert run_heatmap([case.slide], tmp_path / "predict", out, cfg, progress=False).exit_code == 0
         with h5py.File(out / "p" / "heatmap.h5") as fh:

@@ -67,6 +67,10 @@ class SlideIdentityError(InputError):
     """An output (bag, scores, heatmap) is paired with a slide file other than the one it came from."""
 
 
+class NotServedError(WsiMilError, LookupError):
+    """The viewer was asked for something its run does not hold or cannot show (an HTTP 404)."""
+
+
 class MixedCaseLabelError(InputError):
     """Slides of one case carry different labels, so the case has no single label (case-level metrics)."""
 

@@ -28,9 +28,11 @@ from wsi_mil.cli import common
 @common.config_option("heatmap")
 @common.ensemble_all_option
 @click.option("--score", type=click.Choice(["attention", "probability"]), default=None,
-              help="attention (default) or the tile's own class probability.")
+              help="probability (default): each tile's own P(class), fixed 0-1 scale, the same on every slide; "
+              "or attention.")
 @click.option("--scale", "attention_scale", type=click.Choice(["rank", "fixed"]), default=None,
-              help="Attention scale: rank percentile within each slide (default) or log2(n·α), the same on every slide.")
+              help="Attention scale: fixed (default): log2(n·α), the same on every slide; or rank: percentile within "
+              "each slide.")
 @click.option("--class", "class_name", default=None,
               help="Class for --score probability (default: the positive class of a binary model, else the predicted class).")
 @click.option("--top-k", type=int, default=None, help="Top and bottom tiles exported per slide (default 8).")

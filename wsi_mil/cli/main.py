@@ -17,6 +17,7 @@ from wsi_mil.cli.pipeline import pipeline
 from wsi_mil.cli.sample_data import sample_data
 from wsi_mil.cli.tiles import tiles
 from wsi_mil.cli.train import predict, train
+from wsi_mil.cli.view import view
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -31,9 +32,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
-    """Whole-slide MIL: sample-data -> tiles / extract -> train -> predict -> heatmap (or all: pipeline)."""
+    """Whole-slide MIL: sample-data -> tiles / extract -> train -> predict -> heatmap (or all: pipeline); view."""
     _setup_logging(verbose, quiet)
 
 
-for _command in (sample_data, tiles, extract, train, predict, heatmap, pipeline):
+for _command in (sample_data, tiles, extract, train, predict, heatmap, pipeline, view):
     main.add_command(_command)

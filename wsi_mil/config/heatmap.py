@@ -34,11 +34,12 @@ class HeatmapConfig(StrictModel):
     #: Canvas resolution in µm/px; ``None``: the whole slide fits ``max_side_px``.
     canvas_mpp: float | None = Field(None, gt=0.5, le=256.0, description="canvas µm/px (default: from max_side_px)")
     max_side_px: int = Field(2048, ge=128, le=8192, description="longest canvas side when canvas_mpp is not set")
-    #: ``attention``: the model's α_t; ``probability``: the tile's own class probability softmax(z_t).
-    score: ScoreKind = "attention"
-    #: ``rank``: per-slide rank percentile (0-100); ``fixed``: log2(n·α) clipped to ±attention_log2_max,
-    #: 0 = uniform attention, the same scale on every slide.
-    attention_scale: AttentionScale = "rank"
+    #: ``probability`` (default): the tile's own class probability softmax(z_t), on the fixed scale 0 to 1,
+    #: the same on every slide, so a slide the model finds negative stays cold; ``attention``: the model's α_t.
+    score: ScoreKind = "probability"
+    #: ``fixed`` (default): log2(n·α) clipped to ±attention_log2_max, 0 = uniform attention, the same scale on
+    #: every slide; ``rank``: per-slide rank percentile (0-100), every slide spans the whole colour range.
+    attention_scale: AttentionScale = "fixed"
     attention_log2_max: float = Field(4.0, gt=0.0, le=20.0, description="fixed scale: log2(n·α) clipped to ±this")
     #: Class shown with ``score: probability`` (and the class of the ``P(...)`` columns); ``None``: the
     #: second class of a binary model (the positive class), else each slide's predicted class.

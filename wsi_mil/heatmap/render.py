@@ -14,10 +14,13 @@ with a Gaussian (sigma in µm) by normalised convolution inside the scored area.
 
 Scores (see :func:`tile_values`):
 
-* ``attention`` / ``rank``: per-slide rank percentile of α (0 = lowest, 100 = highest); the default.
-* ``attention`` / ``fixed``: ``log2(n·α)`` clipped to ``±attention_log2_max``; 0 is uniform attention
-  (α = 1/n), +4 is 16x the uniform share. The same scale on every slide, so slides can be compared.
-* ``probability``: the tile's own probability of one class from the shared classifier, 0 to 1.
+* ``probability`` (the default): the tile's own probability of one class from the shared classifier,
+  on the fixed scale 0 to 1: the same on every slide, and a slide the model finds negative stays cold.
+* ``attention`` / ``fixed`` (the attention default): ``log2(n·α)`` clipped to ``±attention_log2_max``; 0 is
+  uniform attention (α = 1/n), +4 is 16x the uniform share. The same scale on every slide, but α sums to 1
+  over each slide's tiles, so some tiles of every slide, negative or not, stand out.
+* ``attention`` / ``rank``: per-slide rank percentile of α (0 = lowest, 100 = highest); every slide spans
+  the whole colour range (an option, not a default).
 
 One module because the canvas geometry, the colour scales and the figure are one drawing
 pipeline that shares :class:`CanvasGeometry` and :class:`TileValues`.
@@ -161,7 +164,7 @@ def tile_values(scores: SlideScores, cfg: HeatmapConfig) -> TileValues:
         values = scores.instance_probabilities[:, scores.class_index(cls)].astype(np.float64) if n else np.zeros(0)
         return TileValues(
             values, "probability", "probability", 0.0, 1.0,
-            f"P({cls}) of each tile (the model's shared classifier)", f"P({cls}) per tile", cls,
+            f"P({cls}) of each tile (fixed scale 0 to 1, the same on every slide)", f"P({cls}) per tile, fixed 0-1", cls,
             (0.0, 0.25, 0.5, 0.75, 1.0), ("0", "0.25", "0.5", "0.75", "1"),
         )
     if cfg.attention_scale == "rank":
@@ -197,18 +200,24 @@ def _spans(start: np.ndarray, size: float, scale: float, limit: int) -> tuple[np
 
 
 def paint_canvas(
-    coords: np.ndarray, footprint_px: float, values: np.ndarray, geometry: CanvasGeometry
+    coords: np.ndarray, footprint_px: float, values: np.ndarray, geometry: CanvasGeometry, *,
+    origin_px: tuple[float, float] = (0.0, 0.0), warn_outside: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean value per canvas pixel over the tiles covering it (NaN where none) and the tile count (int32)."""
+    """Mean value per canvas pixel over the tiles covering it (NaN where none) and the tile count (int32).
+
+    ``origin_px``: the level-0 point at the canvas's top-left corner (a window of a larger grid, e.g. one
+    deep-zoom tile of the viewer); ``warn_outside=False`` drops tiles outside the window silently.
+    """
     h, w = geometry.height, geometry.width
     if coords.shape[0] == 0:
         return np.full((h, w), np.nan, np.float32), np.zeros((h, w), np.int32)
-    xy = np.asarray(coords, np.float64)
+    xy = np.asarray(coords, np.float64) - np.asarray(origin_px, np.float64)
     j0, j1 = _spans(xy[:, 0], footprint_px, geometry.downsample_x, w)
     i0, i1 = _spans(xy[:, 1], footprint_px, geometry.downsample_y, h)
     keep = (j1 > j0) & (i1 > i0)
-    if not keep.all():
+    if not keep.all() and warn_outside:
         logger.warning("%d of %d tiles lie outside the slide and are not painted", int((~keep).sum()), len(keep))
+    if not keep.all():
         j0, j1, i0, i1, values = j0[keep], j1[keep], i0[keep], i1[keep], values[keep]
     stride = w + 1
     index = np.concatenate([i0 * stride + j0, i0 * stride + j1, i1 * stride + j0, i1 * stride + j1])

@@ -5,7 +5,10 @@ listed by predicted probability (of the positive class for binary models, else o
 class), highest first, each with its prediction, true label, thumbnail, heatmap overlay and top
 tiles; filters by predicted class and true label, and a "misclassified only" switch (also preset from
 the address: ``index.html?pred=tumor&label=normal&wrong=1``). Slides that were
-not rendered (failed, no scores) are listed at the end with the reason.
+not rendered (failed, no scores) are listed at the end with the reason. When ``wsi-mil view`` serves
+the run (the page under its ``/review/``, or a viewer at ``?viewer=URL``, by default the viewer's
+default address), each slide it can show links to its zoomable viewer page; without one the page
+works as before.
 
 After loading, the page marks every image that failed to load (class ``broken``, red outline) and
 records the counts on ``<html data-images-ok=.. data-images-broken=..>``; the browser test reads them.
@@ -58,6 +61,7 @@ main { padding: 8px 20px 40px 20px; }
 .note { color: var(--bad); font-weight: bold; }
 .meta .small { color: var(--muted); font-size: 13px; }
 .meta a { font-size: 13px; margin-right: 8px; }
+.meta a.viewer { display: inline-block; margin-top: 6px; font-weight: bold; }
 .images { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
 .images figure { margin: 0; }
 .images figcaption { font-size: 12px; color: var(--muted); }
@@ -102,8 +106,32 @@ _JS = """
     document.documentElement.dataset.imagesBroken = String(broken.length);
     document.documentElement.dataset.brokenSrc = broken.join(' ');
   });
+  // When `wsi-mil view` serves this run (this page under its /review/, or a viewer at ?viewer=URL, default
+  // __VIEWER__), each slide it can show gets a link to its zoomable page; otherwise nothing changes.
+  var base = q.get('viewer') || (location.protocol.indexOf('http') === 0 ? '' : '__VIEWER__');
+  fetch(base + '/api/ping').then(function (r) { return r.json(); }).then(function (d) {
+    if (!d || d.app !== 'wsi-mil view') { return; }
+    var ids = {};
+    d.slides.forEach(function (id) { ids[id] = true; });
+    cards.forEach(function (c) {
+      if (!ids[c.id]) { return; }
+      var a = document.createElement('a');
+      a.className = 'viewer';
+      a.href = base + '/slide/' + encodeURIComponent(c.id);
+      a.textContent = 'open in the viewer';
+      c.querySelector('.meta').appendChild(a);
+    });
+    document.documentElement.dataset.viewer = base || location.origin;
+  }).catch(function () { /* no viewer running: the page works on its own */ });
 })();
 """
+
+
+def _viewer_url() -> str:
+    """Where ``wsi-mil view`` listens by default (the page looks for it there when opened from disk)."""
+    from wsi_mil.config.view import ViewConfig
+
+    return f"http://127.0.0.1:{ViewConfig().port}"
 
 
 def _e(value: Any) -> str:
@@ -216,7 +244,7 @@ def render_page(done: list[dict[str, Any]], other: list[dict[str, Any]], legend:
         tail.append("</table>")
     if not done:
         tail.insert(0, "<p>No slide was rendered.</p>")
-    return "\n".join(head + body + tail + ["</main>", f"<script>{_JS}</script>", "</body></html>", ""])
+    return "\n".join(head + body + tail + ["</main>", f"<script>{_JS.replace('__VIEWER__', _viewer_url())}</script>", "</body></html>", ""])
 
 
 def legend_png(out: Path, summaries: Sequence[dict[str, Any]], cfg_colormap: str) -> Path | None:

@@ -103,6 +103,7 @@ class PipelineResult:
         if self.heatmap_pngs:
             lines.append(f"   e.g.       {self.heatmap_pngs[0]}")
         lines.append(f"review page:  {self.index_html if self.index_html else '(none: no slide rendered)'}")
+        lines.append(f"zoom in:      wsi-mil view {self.out}   (a local viewer with the model's evidence on the slides)")
         lines.append(f"manifests:    {self.out / 'extract' / 'manifest.csv'}, {self.heatmap_dir / 'manifest.csv'}")
         lines.append(f"time:         {times}")
         return "\n".join(lines)

@@ -116,6 +116,11 @@ class Slide(ABC):
                     continue
         return None
 
+    def share_tile_cache(self, capacity_bytes: int) -> None:
+        """Keep decoded tiles in a process-wide cache of ``capacity_bytes`` shared by all handles (OpenSlide);
+        a backend without a tile cache of its own (tiffslide) has nothing to share and ignores it."""
+        return None
+
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.level_downsamples[level]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,8 +26,14 @@ Backend = Literal["auto", "openslide", "tiffslide"]
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
+#: process-wide OpenSlide tile caches by capacity in bytes (see :meth:`OpenSlideSlide.share_tile_cache`)
+_SHARED_CACHES: dict[int, Any] = {}
+_SHARED_CACHES_LOCK = threading.Lock()
+
+
 class OpenSlideSlide(Slide):
     backend_name = "openslide"
+    _shared_cache: Any = None
 
     def _open_handle(self) -> None:
         import openslide
@@ -37,6 +44,24 @@ class OpenSlideSlide(Slide):
             raise _UnsupportedFormat(str(exc)) from exc
         except (openslide.OpenSlideError, OSError) as exc:
             raise SlideOpenError(f"OpenSlide could not open {self.path}: {exc}") from exc
+        if self._shared_cache is not None:  # a reopened handle keeps the shared cache
+            self._handle.set_cache(self._shared_cache)
+
+    def share_tile_cache(self, capacity_bytes: int) -> None:
+        """Keep decoded tiles in one process-wide cache of ``capacity_bytes``, shared by every handle given the
+        same capacity, instead of a cache of its own per handle (OpenSlide's default, 32 MiB each): many open
+        handles then stay within one budget. Needs OpenSlide >= 4; older versions keep their own caches."""
+        import openslide
+
+        if not hasattr(openslide, "OpenSlideCache"):
+            logger.debug("OpenSlide %s has no shared tile cache", openslide.__library_version__)
+            return
+        with _SHARED_CACHES_LOCK:
+            cache = _SHARED_CACHES.get(capacity_bytes)
+            if cache is None:
+                cache = _SHARED_CACHES[capacity_bytes] = openslide.OpenSlideCache(capacity_bytes)
+        self._shared_cache = cache
+        self._handle.set_cache(cache)
 
     def _read_rgba(self, location_px: tuple[int, int], level: int, size_px: tuple[int, int]) -> np.ndarray:
         return np.asarray(self._handle.read_region(location_px, level, size_px))
