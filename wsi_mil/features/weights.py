@@ -20,12 +20,13 @@ import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from wsi_mil.errors import WeightsError
+
+if TYPE_CHECKING:  # torch loads on first use: `wsi-mil encoders` reads only names and caches
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def normalise_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
             f"{source}: expected a state dict (a mapping of parameter names to tensors), found "
             f"{type(sd).__name__}. Save weights with torch.save(model.state_dict(), PATH) or safetensors."
         )
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -146,6 +149,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         except Exception as e:  # safetensors raises its own SafetensorError / OSError
             raise WeightsError(f"Cannot read safetensors file {str(p)!r}: {e}") from e
         return normalise_state_dict(obj, str(p))
+    import torch
+
     try:
         # argparse.Namespace appears in timm training checkpoints ("args"); it is harmless to allow.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -202,7 +207,12 @@ def load_checked_state_dict(
     name: str,
 ) -> None:
     """Load ``sd`` into ``model`` strictly, except keys under ``ignore_prefixes`` that the model does not have;
-    a file that does not fit is refused naming its missing, unexpected and mismatched keys."""
+    a file that does not fit is refused naming its missing, unexpected and mismatched keys.
+
+    A ``model`` built on the meta device (no memory, no random initialisation: what a 1.1B-parameter
+    encoder about to receive its weights wants) takes the file's tensors themselves, cast to the model's
+    dtypes; buffers the file does not hold are then computed (timm's ``init_non_persistent_buffers``).
+    """
     own = model.state_dict()
     kept = {k: v for k, v in sd.items() if k in own or not k.startswith(ignore_prefixes)}
     missing = [k for k in own if k not in kept and not k.endswith("num_batches_tracked")]
@@ -224,10 +234,28 @@ def load_checked_state_dict(
             "this architecture (keys as in timm; 'module.' prefixes and 'state_dict'/'model' nesting are "
             "handled), or choose the matching --encoder."
         )
+    on_meta = any(t.is_meta for t in own.values())
     for k in own:
         if k not in kept:  # num_batches_tracked absent from old checkpoints: keep the model's
-            kept[k] = own[k]
-    model.load_state_dict(kept, strict=True)
+            kept[k] = own[k].new_zeros(()) if own[k].is_meta else own[k]
+    if not on_meta:
+        model.load_state_dict(kept, strict=True)
+        return
+    kept = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in kept.items()}
+    model.load_state_dict(kept, strict=True, assign=True)
+    import torch
+
+    device = next(iter(kept.values())).device
+    for module in model.modules():
+        for key, buf in module._buffers.items():  # computed buffers: room for them, then their values
+            if buf is not None and buf.is_meta:
+                module._buffers[key] = torch.empty_like(buf, device=device)
+        init_buffers = getattr(module, "init_non_persistent_buffers", None)
+        if callable(init_buffers):
+            init_buffers()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # pragma: no cover - a module whose buffers timm cannot recompute
+        raise WeightsError(f"{name}: tensors {left[:5]} were not set by {source}; this architecture cannot be loaded lazily.")
 
 
 # --- EfficientNet-Lite0 shipped in a package ----------------------------------------------------------
