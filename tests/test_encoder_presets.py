@@ -165,3 +165,21 @@ def test_transform_equals_a_hand_computed_resize_crop_normalise(name: str) -> No
         expected = _hand_transform(tile, pre)
         assert ours.shape == expected.shape == (3, pre.input_px, pre.input_px)
         assert np.abs(ours - expected).max() <= 1e-6, (name, side)
+
+
+def test_the_readme_table_states_each_presets_values() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Encoders") : text.index("## Outputs")]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 9 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells
+    assert list(rows) == PRESETS, "the README table lists every preset, in the table's order"
+    for name, (_, _, dim, grid, pooling, model_input, _, gated, _) in rows.items():
+        p = get_preset(name)
+        assert int(dim) == p.feature_dim and grid == f"{p.tile_mpp:g}, {p.tile_px}" and pooling == p.pooling, name
+        assert gated == ("yes" if p.gated else "no"), name
+        assert model_input.startswith(str(p.preprocessing.resize_px)) and model_input.endswith(p.preprocessing.interpolation), name
