@@ -133,10 +133,11 @@ def test_each_help_states_the_real_default():
     from wsi_mil.features.runtime import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 
     tiles, extract, train, heatmap, view = TilesConfig(), ExtractConfig(), TrainConfig(), HeatmapConfig(), ViewConfig()
+    assert extract.tiling.mpp is None and extract.tiling.tile_px is None  # stated as "the encoder preset's"
     expected = {
         ("tiles", "--mpp"): tiles.tiling.mpp, ("tiles", "--tile-px"): tiles.tiling.tile_px,
         ("tiles", "--min-tissue"): tiles.tiling.min_tissue_fraction,
-        ("extract", "--mpp"): extract.tiling.mpp, ("extract", "--tile-px"): extract.tiling.tile_px,
+        ("extract", "--mpp"): "the encoder preset's", ("extract", "--tile-px"): "the encoder preset's",
         ("extract", "--batch-size"): f"{CPU_BATCH_SIZE} on CPU, {CUDA_BATCH_SIZE} on CUDA",
         ("train", "--folds"): train.splits.folds, ("train", "--epochs"): train.training.epochs,
         ("train", "--lr"): train.training.lr, ("train", "--seed"): train.seed,

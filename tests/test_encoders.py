@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from wsi_mil.errors import ConfigError, WeightsError
-from wsi_mil.features import encoders as enc_mod
+from wsi_mil.features import hub as hub_mod
 from wsi_mil.features import weights as w_mod
 from wsi_mil.features.encoders import (
     create_encoder,
@@ -163,9 +163,9 @@ def test_offline_hub_fails_fast_with_remedies() -> None:
 
 def test_unreachable_hub_fails_fast_without_calling_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not flagged offline, no network: the probe fails and the hub client is never called."""
-    monkeypatch.setattr(w_mod, "hub_is_offline", lambda: False)
-    monkeypatch.setattr(w_mod, "_proxy_configured", lambda: False)
-    monkeypatch.setattr(w_mod, "_host_reachable", lambda url, timeout_s=3.0: False)
+    monkeypatch.setattr(hub_mod, "hub_is_offline", lambda: False)
+    monkeypatch.setattr(hub_mod, "_proxy_configured", lambda: False)
+    monkeypatch.setattr(hub_mod, "_host_reachable", lambda url, timeout_s=3.0: False)
 
     def no_download(*a: object, **k: object) -> None:
         raise AssertionError("the hub must not be called when it is unreachable")
@@ -182,7 +182,7 @@ def test_unreachable_hub_fails_fast_without_calling_it(monkeypatch: pytest.Monke
 
 def test_host_probe_is_bounded() -> None:
     t0 = time.perf_counter()
-    assert w_mod._host_reachable("https://wsi-mil.invalid", timeout_s=1.0) is False
+    assert hub_mod._host_reachable("https://wsi-mil.invalid", timeout_s=1.0) is False
     assert time.perf_counter() - t0 < 3
 
 
@@ -407,4 +407,6 @@ def test_state_dict_normalisation() -> None:
         w_mod.normalise_state_dict({"epoch": 1}, "x")
     with pytest.raises(WeightsError, match="state dict"):
         w_mod.normalise_state_dict([t], "x")
-    assert pickle.dumps(enc_mod.EncoderSpec("a", "b"))  # specs are plain data
+    from wsi_mil.features.presets import get_preset
+
+    assert pickle.loads(pickle.dumps(get_preset("uni").preprocessing)) == get_preset("uni").preprocessing

@@ -94,6 +94,22 @@ def tile_size_options(func: F) -> F:
     )
 
 
+def encoder_tile_size_options(func: F) -> F:
+    """``--mpp`` and ``--tile-px`` of commands that encode tiles: the encoder preset's unless given."""
+    preset = "the encoder preset's; `wsi-mil encoders` lists them, 0.5 and 256 for other timm ids"
+    return _apply(
+        func,
+        [
+            click.option("--mpp", type=float, default=None, help=f"Tile resolution in µm/px (default {preset})."),
+            click.option(
+                "--tile-px", type=int, default=None,
+                help="Tile side in pixels at --mpp (default the encoder preset's). A value that contradicts "
+                "the preset is a warning naming both.",
+            ),
+        ],
+    )
+
+
 def slide_options(
     *,
     mpp_override_help: str = "Level-0 µm/px for every slide (when metadata lacks it or is wrong).",

@@ -11,13 +11,13 @@ from wsi_mil.cli.common import (
     config_option,
     device_option,
     encoder_from_env,
+    encoder_tile_size_options,
     exit_on_error,
     out_option,
     prefer_huge_pages,
     slide_options,
     slide_overrides,
     slides_argument,
-    tile_size_options,
 )
 
 
@@ -25,14 +25,14 @@ from wsi_mil.cli.common import (
 @slides_argument
 @out_option()
 @config_option("extract")
-@click.option("--encoder", default=None, help="resnet50_trunc, tf_efficientnet_lite0 (default; offline ImageNet weights) or a timm model id. Default also from $WSI_MIL_ENCODER.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="Local weight file (.safetensors or .pth, loaded safely). Default also from $WSI_MIL_WEIGHTS (weights baked into the Docker image).")
+@click.option("--encoder", default=None, help="A preset (`wsi-mil encoders` lists them: uni, virchow2, h_optimus_0, ...; default tf_efficientnet_lite0, offline ImageNet weights) or a timm model id. Default also from $WSI_MIL_ENCODER.")
+@click.option("--weights", type=click.Path(), default=None, help="Local weight file (.safetensors or .pth, loaded safely) or a downloaded hub snapshot folder; needed for file-only presets (ctranspath) and gated models without hub access. Default also from $WSI_MIL_WEIGHTS (weights baked into the Docker image).")
 @click.option("--random-init", is_flag=True, default=None, help="Random encoder weights (testing only; recorded in the output).")
-@tile_size_options
+@encoder_tile_size_options
 @device_option()
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass (default 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N loader processes; default: a reading thread on CPU, up to 8 processes on CUDA.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: bf16 where the hardware has it, else fp32.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: the encoder preset's default (`wsi-mil encoders --json`): bf16 where the hardware has it, else fp32; EfficientNet-Lite0 stays fp32 on CPU.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
 @click.option("--skip-unreadable-tiles", is_flag=True, default=None, help="Skip and count corrupt tiles instead of failing the slide.")

@@ -11,6 +11,7 @@ import logging
 
 import click
 
+from wsi_mil.cli.encoders import encoders
 from wsi_mil.cli.extract import extract
 from wsi_mil.cli.heatmap import heatmap
 from wsi_mil.cli.pipeline import pipeline
@@ -36,5 +37,5 @@ def main(verbose: int, quiet: bool) -> None:
     _setup_logging(verbose, quiet)
 
 
-for _command in (sample_data, tiles, extract, train, predict, heatmap, pipeline, view):
+for _command in (sample_data, tiles, encoders, extract, train, predict, heatmap, pipeline, view):
     main.add_command(_command)

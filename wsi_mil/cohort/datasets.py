@@ -5,7 +5,7 @@ Layouts recognised by :func:`discover_features` (``FEATURES`` is what the user p
 ``wsi-mil``
     ``wsi-mil extract`` output: ``OUT/features/<slide_id>.h5`` (``FEATURES`` may be ``OUT`` or
     ``OUT/features``), datasets ``features`` (N x D) and ``coords`` (N x 2, level-0), attributes
-    ``encoder_name``, ``feature_dim``, ``mpp``, ``tile_px``, ``weights_sha256``, ``wsi_mil_version``...
+    ``encoder_name``, ``pooling``, ``feature_dim``, ``mpp``, ``tile_px``, ``weights_sha256``, ``wsi_mil_version``...
 ``clam``
     CLAM's ``h5_files/<slide_id>.h5`` (``features`` + ``coords``) and/or ``pt_files/<slide_id>.pt``
     (an ``[N, D]`` tensor, loaded with ``torch.load(weights_only=True)``); ``h5_files`` wins when both
@@ -294,6 +294,7 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
             tile_px=positive_int(attrs.get("tile_px")),
             weights_sha256=text_or_none(attrs.get("weights_sha256")),
             wsi_mil_version=text_or_none(attrs.get("wsi_mil_version")),
+            pooling=text_or_none(attrs.get("pooling")),
         )
         if footprint is None:
             footprint = positive_int(coords_attrs.get("patch_size"))
@@ -359,6 +360,8 @@ def spec_differences(expected: FeatureSpec, actual: FeatureSpec) -> list[str]:
         out.append(f"feature_dim: expected {expected.feature_dim}, got {actual.feature_dim}")
     if expected.encoder_name and actual.encoder_name and expected.encoder_name != actual.encoder_name:
         out.append(f"encoder_name: expected {expected.encoder_name!r}, got {actual.encoder_name!r}")
+    if expected.pooling and actual.pooling and expected.pooling != actual.pooling:
+        out.append(f"pooling: expected {expected.pooling!r}, got {actual.pooling!r}")
     if (
         expected.weights_sha256
         and actual.weights_sha256

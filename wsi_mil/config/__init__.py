@@ -21,15 +21,21 @@ from wsi_mil.config.base import (
 from wsi_mil.config.extract import (
     EXTRACT_HASH_FIELDS,
     ExtractConfig,
+    ExtractTilingConfig,
+    PreprocessingConfig,
     SlideConfig,
     TilesConfig,
     TilingConfig,
     TissueConfig,
+    extract_config_hash,
+    extract_hash_fields,
 )
 
 __all__ = [
     "EXTRACT_HASH_FIELDS",
     "ExtractConfig",
+    "ExtractTilingConfig",
+    "PreprocessingConfig",
     "SlideConfig",
     "StrictModel",
     "TilesConfig",
@@ -37,6 +43,8 @@ __all__ = [
     "TissueConfig",
     "config_hash",
     "dump_config",
+    "extract_config_hash",
+    "extract_hash_fields",
     "load_config",
     "read_yaml",
     "validate_config",

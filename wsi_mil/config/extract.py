@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from wsi_mil.config.base import StrictModel
+from wsi_mil.config.base import StrictModel, config_hash
 
 
 class TissueConfig(StrictModel):
@@ -23,6 +23,27 @@ class TilingConfig(StrictModel):
     tile_px: int = Field(256, ge=16, le=4096)
     stride_px: int | None = Field(None, ge=1, le=4096, description="default: tile_px (no overlap)")
     min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ExtractTilingConfig(StrictModel):
+    """The tile grid of ``wsi-mil extract``: ``null`` takes the encoder preset's value."""
+
+    mpp: float | None = Field(
+        None, gt=0.05, le=16.0, description="tile resolution, µm/px; null: the encoder preset's (0.5 for other timm ids)"
+    )
+    tile_px: int | None = Field(None, ge=16, le=4096, description="null: the encoder preset's (256 for other timm ids)")
+    stride_px: int | None = Field(None, ge=1, le=4096, description="default: tile_px (no overlap)")
+    min_tissue_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class PreprocessingConfig(StrictModel):
+    """Overrides of the encoder preset's preprocessing (``null``: the preset's value; a change is warned)."""
+
+    input_px: int | None = Field(None, ge=16, le=4096, description="model input side, after the centre crop")
+    resize_px: int | None = Field(None, ge=16, le=4096, description="tiles are resized whole to this side first")
+    interpolation: Literal["bilinear", "bicubic"] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 class SlideConfig(StrictModel):
@@ -47,9 +68,12 @@ class ExtractConfig(StrictModel):
 
     slide: SlideConfig = SlideConfig()
     tissue: TissueConfig = TissueConfig()
-    tiling: TilingConfig = TilingConfig()
+    tiling: ExtractTilingConfig = ExtractTilingConfig()
     encoder: str = "tf_efficientnet_lite0"
     weights: str | None = None
+    preprocessing: PreprocessingConfig | None = Field(
+        None, description="overrides of the encoder preset's preprocessing; null: the preset's"
+    )
     random_init: bool = False
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
@@ -66,3 +90,14 @@ class ExtractConfig(StrictModel):
 
 # Fields that change what an extract output contains; a rerun with different values is refused.
 EXTRACT_HASH_FIELDS = ("slide", "tissue", "tiling", "encoder", "weights", "random_init", "precision", "feature_dtype")
+
+
+def extract_hash_fields(cfg: ExtractConfig) -> tuple[str, ...]:
+    """:data:`EXTRACT_HASH_FIELDS`, plus ``preprocessing`` when it overrides the preset (so folders made
+    before the key existed keep their hash)."""
+    return EXTRACT_HASH_FIELDS + (("preprocessing",) if cfg.preprocessing is not None else ())
+
+
+def extract_config_hash(cfg: ExtractConfig) -> str:
+    """The hash that says whether two extract configs produce the same outputs."""
+    return config_hash(cfg, extract_hash_fields(cfg))

@@ -1,6 +1,7 @@
-"""Feature extraction: the encoder registry (``encoders``), their weights (``weights``), tile
-preprocessing (``transforms``), the tile stream (``stream``) and the device, precision and thread
-policy (``runtime``). The extraction run itself is :mod:`wsi_mil.runs.extract`.
+"""Feature extraction: the encoder presets (``presets``), building them (``architectures``, ``encoders``),
+their weights (``weights``, ``hub``), tile settings and preprocessing (``tile_settings``, ``transforms``),
+the tile stream (``stream``) and the device, precision and thread policy (``runtime``). The extraction
+run itself is :mod:`wsi_mil.runs.extract`.
 
 Importing this package is cheap: torch and timm load on first use of an attribute below.
 """
@@ -13,18 +14,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from wsi_mil.features.encoders import (
         Encoder,
-        EncoderSpec,
         create_encoder,
         encoder_identity,
         list_encoders,
         load_efficientnet_lite0,
     )
+    from wsi_mil.features.presets import EncoderPreset, get_preset, list_presets
     from wsi_mil.features.runtime import autocast_context, resolve_device, resolve_precision
     from wsi_mil.features.transforms import TileTransform
 
 _LAZY = {
     "Encoder": "wsi_mil.features.encoders",
-    "EncoderSpec": "wsi_mil.features.encoders",
+    "EncoderPreset": "wsi_mil.features.presets",
+    "get_preset": "wsi_mil.features.presets",
+    "list_presets": "wsi_mil.features.presets",
     "TileTransform": "wsi_mil.features.transforms",
     "autocast_context": "wsi_mil.features.runtime",
     "create_encoder": "wsi_mil.features.encoders",
@@ -37,12 +40,14 @@ _LAZY = {
 
 __all__ = [
     "Encoder",
-    "EncoderSpec",
+    "EncoderPreset",
     "TileTransform",
     "autocast_context",
     "create_encoder",
     "encoder_identity",
+    "get_preset",
     "list_encoders",
+    "list_presets",
     "load_efficientnet_lite0",
     "resolve_device",
     "resolve_precision",

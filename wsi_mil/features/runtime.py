@@ -1,7 +1,7 @@
 """Where and how extraction runs: the device, the precision policy, CPU threads, tile loading, batch size.
 
 :func:`resolve_precision` is the precision policy, the one function that decides it (``auto`` by
-device, CPU and encoder); :func:`autocast_context` applies the precision it chose. Threads follow
+device, CPU and the encoder preset's default); :func:`autocast_context` applies the precision it chose. Threads follow
 ``OMP_NUM_THREADS`` or the CPUs this process may use (affinity, capped by a container's CPU quota).
 """
 
@@ -55,26 +55,25 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-#: Encoders whose bf16 features fall below 0.999 cosine similarity to fp32 on some tiles (measured:
-#: EfficientNet-Lite0 min 0.9987) and gain nothing from bf16 on CPU: ``auto`` keeps them at fp32 there.
-CPU_FP32_ENCODERS = frozenset({"tf_efficientnet_lite0"})
-
-
 def resolve_precision(precision: str, device: torch.device, encoder: str | None = None) -> Precision:
     """The precision policy: the precision extraction runs at, decided here and only here.
 
-    ``auto``: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with native bf16, else fp32.
-    On CPU, encoders in :data:`CPU_FP32_ENCODERS` stay fp32 under ``auto``; fp16 is refused there.
+    ``auto``: the encoder preset's default for the device type (:attr:`EncoderPreset.precision
+    <wsi_mil.features.presets.EncoderPreset.precision>`; bf16 for other encoders), where ``bf16`` becomes
+    fp16 on a GPU without bf16 and fp32 on a CPU without native bf16. fp16 is refused on the CPU.
     """
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise ConfigError("fp16 autocast is slow and inexact on CPU; use --precision bf16 or fp32.")
         return cast(Precision, precision)
+    from wsi_mil.features.presets import get_preset, is_preset
+
+    wanted = get_preset(encoder).precision.get(device.type, "bf16") if encoder and is_preset(encoder) else "bf16"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if encoder in CPU_FP32_ENCODERS:
-        return "fp32"
-    return "bf16" if cpu_supports_bf16() else "fp32"
+        return "fp16" if wanted == "bf16" and not torch.cuda.is_bf16_supported() else cast(Precision, wanted)
+    if wanted == "bf16" and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
 
 
 # --- host: CPUs, threads, memory ---------------------------------------------------------------------

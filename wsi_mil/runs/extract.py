@@ -35,7 +35,14 @@ import numpy as np
 import torch
 
 from wsi_mil import __version__
-from wsi_mil.config import EXTRACT_HASH_FIELDS, ExtractConfig, config_hash, load_config, write_config
+from wsi_mil.config import (
+    ExtractConfig,
+    TilingConfig,
+    extract_config_hash,
+    extract_hash_fields,
+    load_config,
+    write_config,
+)
 from wsi_mil.errors import ConfigError, OutputConflictError
 from wsi_mil.features.runtime import (
     Precision,
@@ -138,7 +145,7 @@ def _check_folder_config(
         if existing.exists() and not overwrite:
             try:
                 old = load_config(ExtractConfig, existing)
-                old_hash = config_hash(old, EXTRACT_HASH_FIELDS)
+                old_hash = extract_config_hash(old)
             except ConfigError as exc:
                 raise OutputConflictError(
                     f"{out_dir} holds a config.yaml that is not a valid extract config ({exc}). "
@@ -146,9 +153,8 @@ def _check_folder_config(
                 ) from exc
             if old_hash != chash:
                 old_d, new_d = old.model_dump(), cfg.model_dump()
-                diffs = [
-                    f"{k}: {old_d[k]!r} -> {new_d[k]!r}" for k in EXTRACT_HASH_FIELDS if old_d[k] != new_d[k]
-                ]
+                keys = dict.fromkeys(extract_hash_fields(old) + extract_hash_fields(cfg))
+                diffs = [f"{k}: {old_d[k]!r} -> {new_d[k]!r}" for k in keys if old_d[k] != new_d[k]]
                 raise OutputConflictError(
                     f"{out_dir} was made with another configuration ({'; '.join(diffs)}). Use another --out "
                     "folder, or rerun with --overwrite to recompute every slide with the new settings."
@@ -173,6 +179,7 @@ def run_extract(
     when set, else the CPUs this process may use.
     """
     from wsi_mil.features.encoders import create_encoder, encoder_identity
+    from wsi_mil.features.tile_settings import resolve_tile_settings
     from wsi_mil.runs.slide_loop import check_unique_ids, select_shard
 
     cfg = cfg or ExtractConfig()
@@ -181,11 +188,19 @@ def run_extract(
     out_dir = ensure_writable_dir(out_dir)  # R15: before any slide is opened
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, cfg.encoder)
+    tile = resolve_tile_settings(cfg.encoder, cfg.tiling.mpp, cfg.tiling.tile_px)  # the preset's unless overridden
+    for warning in tile.warnings:
+        logger.warning("%s", warning)
     resolved = cfg.model_copy(
-        update={"precision": precision, "batch_size": resolve_batch_size(cfg.batch_size, device)}
+        update={
+            "precision": precision,
+            "batch_size": resolve_batch_size(cfg.batch_size, device),
+            "tiling": cfg.tiling.model_copy(update={"mpp": tile.mpp, "tile_px": tile.tile_px}),
+        }
     )
     cfg = resolved  # config.yaml records what ran
-    chash = config_hash(resolved, EXTRACT_HASH_FIELDS)
+    tiling = TilingConfig(**cfg.tiling.model_dump())
+    chash = extract_config_hash(resolved)
     _check_folder_config(out_dir, resolved, chash, overwrite, write=False)
     opener = SlideOpener(cfg.slide)  # reads the mpp override CSV now: a bad table fails before any slide
 
@@ -194,6 +209,8 @@ def run_extract(
         # processes on one folder all compute with the same ones.
         torch.manual_seed(RANDOM_INIT_SEED)
         encoder = create_encoder(cfg.encoder, weights=cfg.weights, random_init=cfg.random_init, device=device)
+    if cfg.preprocessing is not None:
+        _override_preprocessing(encoder, cfg)
     if cfg.channels_last:
         encoder.set_channels_last(True)
     model: Any = encoder.model
@@ -236,7 +253,7 @@ def run_extract(
             if slide is not opened:
                 stack.callback(slide.close)
             prepared = prepare_slide(
-                slide, cfg.tissue, cfg.tiling, out_dir / "tissue", cfg.thumbnail_px,
+                slide, cfg.tissue, tiling, out_dir / "tissue", cfg.thumbnail_px,
                 skip_unreadable=cfg.skip_unreadable_tiles,
             )  # fmt: skip
             grid = prepared.grid
@@ -394,6 +411,25 @@ def run_extract(
     except OSError as exc:
         logger.error("could not write %s: %s", run_name, exc)
     return summary
+
+
+def _override_preprocessing(encoder: Any, cfg: ExtractConfig) -> None:
+    """Apply ``cfg.preprocessing`` over the encoder's own (warning for each value it changes)."""
+    from wsi_mil.features.presets import Preprocessing
+    from wsi_mil.features.tile_settings import merge_preprocessing
+    from wsi_mil.features.transforms import preset_preprocessing, preset_transform
+
+    assert cfg.preprocessing is not None
+    tf = encoder.transform
+    base = encoder.preset.preprocessing if encoder.preset is not None else Preprocessing(
+        tf.input_size[0], tf.resize_size[0], tf.interpolation, tf.mean, tf.std
+    )
+    owner = f"the {encoder.name} preset" if encoder.preset is not None else f"timm's config of {encoder.name}"
+    merged, warnings = merge_preprocessing(base, cfg.preprocessing.model_dump(), owner)
+    for warning in warnings:
+        logger.warning("%s", warning)
+    encoder.transform = preset_transform(merged)
+    encoder.preprocessing = preset_preprocessing(merged)
 
 
 def _close_prepared(future: Future[_Prepared]) -> None:

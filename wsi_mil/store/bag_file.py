@@ -49,6 +49,9 @@ class FeatureSpec:
     tile_px: int | None
     weights_sha256: str | None = None
     wsi_mil_version: str | None = None
+    pooling: str | None = None
+    """How token outputs became one vector (``cls``, ``cls+mean``, ``avg``); ``None`` in bags written before
+    pooling was recorded."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +65,7 @@ class FeatureSpec:
             tile_px=positive_int(data.get("tile_px")),
             weights_sha256=text_or_none(data.get("weights_sha256")),
             wsi_mil_version=text_or_none(data.get("wsi_mil_version")),
+            pooling=text_or_none(data.get("pooling")),
         )
 
 

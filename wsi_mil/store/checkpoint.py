@@ -11,7 +11,8 @@ A checkpoint is a folder (``RUN/fold_<k>/``) holding
          "model": {"name": "loss_attention", "hparams": {"name": ..., "in_dim": 1024, "n_classes": 2, ...}},
          "classes": ["normal", "tumor"],                 # class index -> name
          "feature_spec": {"encoder_name": ..., "feature_dim": 1024, "mpp": 0.5, "tile_px": 256,
-                          "weights_sha256": ..., "wsi_mil_version": ...},   # of the training features
+                          "weights_sha256": ..., "wsi_mil_version": ...,
+                          "pooling": "cls" | "cls+mean" | "avg" | null},    # of the training features
          "weights_file": "model.safetensors", "weights_sha256": "<sha256 of that file>",
          "wsi_mil_version": "<of the trainer>", "training": {...fold, best epoch, monitor...}}
 
