@@ -86,7 +86,7 @@ SLIDE_MPPS: tuple[float, ...] = (0.25, 0.5, 0.2631, 0.499)
 SLIDE_FORMATS: tuple[SlideFormat, ...] = ("svs", "tif")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SlideSpec:
     """One planned slide: its index in the cohort (seeds its generator), ids, label, µm/px and format."""
 
