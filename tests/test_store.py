@@ -148,3 +148,41 @@ def test_readers_say_which_version_wrote_a_file_they_cannot_read(tmp_path):
             fh.create_dataset("something_else", data=np.zeros(3))
         with pytest.raises(BagFileError, match="no wsi-mil version recorded"):
             read(foreign)
+
+
+def test_a_lock_failure_other_than_held_is_an_output_error_naming_the_folder(tmp_path: Path, monkeypatch) -> None:
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OutputError, match=r"refused a slide claim .*No locks available.*-o flock") as info:
+        SlideLock(tmp_path / "out", "s1").acquire()
+    assert str(tmp_path / "out") in str(info.value)
+
+
+def test_the_record_is_on_disk_before_the_claim_is_released(tmp_path: Path, monkeypatch) -> None:
+    """A crash between writing the record and releasing the claim must not lose the record: the record
+    is written first (checked at the moment of release)."""
+    from wsi_mil.runs.slide_loop import run_batch
+    from wsi_mil.store import RecordStore
+
+    slides = []
+    for name in ("a", "b"):
+        p = tmp_path / f"{name}.svs"
+        p.write_bytes(b"x")
+        slides.append(p)
+    seen_at_release: list[bool] = []
+    real_release = SlideLock.release
+
+    def release(self):
+        if self.held:
+            slide_id = self.path.stem
+            seen_at_release.append(RecordStore(tmp_path / "out", ["slide_id"]).read(slide_id) is not None)
+        real_release(self)
+
+    monkeypatch.setattr(SlideLock, "release", release)
+    summary = run_batch(slides, tmp_path / "out", lambda p: {"status": "done"}, ["slide_id", "status"], progress=False)
+    assert [r["status"] for r in summary.records] == ["done", "done"]
+    assert seen_at_release == [True, True]

@@ -255,48 +255,49 @@ def run_batch(
                 continue
             record = new_record(path)
             t0 = time.perf_counter()
-            try:
-                old = store.read(slide_id) or {}
-                if is_done is not None and is_done(path):
-                    record.update(status="skipped")
-                    for key in KEPT_WHEN_SKIPPED:
-                        if key in old:
-                            record[key] = old[key]
-                elif not redo and _known_no_tissue(old, record):
-                    record.update(
-                        status="no_tissue", error_class=old.get("error_class"), error=old.get("error"), n_tiles=0
-                    )
-                else:
-                    look_ahead(i)
-                    record.update(process(path))
-            except KeyboardInterrupt:
-                record.update(status="interrupted", error_class="KeyboardInterrupt", error="interrupted by the user")
-                record["seconds"] = round(time.perf_counter() - t0, 3)
-                store.write(record)
-                summary.records.append(record)
-                summary.interrupted = True
-                raise
-            except NoTissueError as exc:
-                record.update(status="no_tissue", error_class=type(exc).__name__, error=str(exc), n_tiles=0)
-            except OutputError as exc:
-                record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
-                record["seconds"] = round(time.perf_counter() - t0, 3)
-                with contextlib.suppress(OSError, OutputError):
+            try:  # the claim is released only after the record is on disk: no other process redoes it
+                try:
+                    old = store.read(slide_id) or {}
+                    if is_done is not None and is_done(path):
+                        record.update(status="skipped")
+                        for key in KEPT_WHEN_SKIPPED:
+                            if key in old:
+                                record[key] = old[key]
+                    elif not redo and _known_no_tissue(old, record):
+                        record.update(
+                            status="no_tissue", error_class=old.get("error_class"), error=old.get("error"), n_tiles=0
+                        )
+                    else:
+                        look_ahead(i)
+                        record.update(process(path))
+                except KeyboardInterrupt:
+                    record.update(status="interrupted", error_class="KeyboardInterrupt", error="interrupted by the user")
+                    record["seconds"] = round(time.perf_counter() - t0, 3)
                     store.write(record)
-                summary.records.append(record)
-                raise
-            except WsiMilError as exc:
-                # INFO: shown as it happens, and once more in the batch summary, which lists every failed
-                # slide; under -q (warnings only) the summary alone reports it, once
-                logger.info("%s failed: %s: %s", slide_id, type(exc).__name__, exc)
-                record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
-            except Exception as exc:
-                logger.error("%s failed unexpectedly:\n%s", slide_id, traceback.format_exc())
-                record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+                    summary.records.append(record)
+                    summary.interrupted = True
+                    raise
+                except NoTissueError as exc:
+                    record.update(status="no_tissue", error_class=type(exc).__name__, error=str(exc), n_tiles=0)
+                except OutputError as exc:
+                    record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+                    record["seconds"] = round(time.perf_counter() - t0, 3)
+                    with contextlib.suppress(OSError, OutputError):
+                        store.write(record)
+                    summary.records.append(record)
+                    raise
+                except WsiMilError as exc:
+                    # INFO: shown as it happens, and once more in the batch summary, which lists every failed
+                    # slide; under -q (warnings only) the summary alone reports it, once
+                    logger.info("%s failed: %s: %s", slide_id, type(exc).__name__, exc)
+                    record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+                except Exception as exc:
+                    logger.error("%s failed unexpectedly:\n%s", slide_id, traceback.format_exc())
+                    record.update(status="failed", error_class=type(exc).__name__, error=str(exc))
+                record.setdefault("seconds", round(time.perf_counter() - t0, 3))
+                store.write(record)
             finally:
                 lock.release()
-            record.setdefault("seconds", round(time.perf_counter() - t0, 3))
-            store.write(record)
             summary.records.append(record)
             if on_record is not None:
                 on_record(record)

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from wsi_mil.errors import OutputError
+
 
 class SlideLock:
     """An exclusive, non-blocking per-slide lock shared by all processes on one output folder.
@@ -37,8 +39,13 @@ class SlideLock:
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
+                return False  # held by another process
+            raise OutputError(
+                f"The file system of {self.path.parent.parent} refused a slide claim (flock: "
+                f"{exc.strerror or exc}); wsi-mil needs it so that processes sharing the folder never do a slide "
+                "twice. Write to a file system that supports flock (local disk; NFSv4; Lustre mounted with "
+                "-o flock), or give each process its own --out folder."
+            ) from exc
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
