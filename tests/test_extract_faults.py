@@ -122,9 +122,10 @@ def test_R12_interrupt_mid_slide_cleans_up_and_exits_130(
     )
     try:
         current = signal_mid_slide(proc, out / "features", sig)
-        stdout, stderr = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # the command itself must exit promptly
     finally:
-        _kill_session(proc)
+        _kill_session(proc)  # a loader process still exiting must not hold the output pipes open
+    stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "interrupted: rerun the same command to resume" in stdout
     assert temp_files(out / "features") == []
