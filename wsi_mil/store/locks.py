@@ -1,7 +1,9 @@
 """Locks shared by every process writing one output folder (Slurm arrays, Kubernetes indexed jobs).
 
 Each slide is claimed with an exclusive ``flock`` on ``<out>/.locks/<slide_id>.lock``; the kernel drops
-the lock when its process dies, so locks of dead processes are reclaimed without any clean-up.
+the lock when its process dies, so locks of dead processes are reclaimed without any clean-up. Folder
+locks (:func:`folder_lock`) guard short shared sections such as the manifest (shared by record writes,
+exclusive for manifest updates, see :mod:`wsi_mil.store.records`).
 """
 
 from __future__ import annotations
@@ -66,14 +68,25 @@ class SlideLock:
 
 
 @contextlib.contextmanager
-def folder_lock(out_dir: Path, name: str = "run") -> Iterator[None]:
-    """A blocking exclusive lock for short critical sections (manifest rebuilds, config writes)."""
+def folder_lock(out_dir: Path, name: str = "run", *, shared: bool = False) -> Iterator[None]:
+    """A blocking lock for short critical sections (manifest updates, config writes): exclusive, or
+    ``shared`` with other shared holders (record writes, which only manifest updates must wait for)."""
     lock_path = Path(out_dir) / ".locks" / f"{name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError as exc:
+            raise OutputError(
+                f"The file system of {lock_path.parent.parent} refused a lock on {lock_path.name} (flock: "
+                f"{exc.strerror or exc}); wsi-mil needs it so that processes sharing the folder keep one "
+                "manifest. Write to a file system that supports flock (local disk; NFSv4; Lustre mounted with "
+                "-o flock), or give each process its own --out folder."
+            ) from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
