@@ -40,7 +40,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,8 @@ class RecordStore:
                 if record is None:
                     rows.pop(slide_id, None)
                 else:
-                    rows[str(record.get("slide_id", ""))] = _row(record, self.columns)
-            text = _csv_text(self.columns, (rows[k] for k in sorted(rows)))
+                    rows[str(record.get("slide_id", ""))] = _csv_text(None, [_row(record, self.columns)])
+            text = _csv_text(self.columns, []) + "".join(rows[k] for k in sorted(rows))
             return self._commit(path, text, changed)
 
     def rebuild_manifest(self, name: str = MANIFEST) -> Path:
@@ -184,10 +184,13 @@ def _row(record: dict[str, Any], columns: Sequence[str]) -> list[str]:
     return [str(_csv_value(record.get(k))) for k in columns]
 
 
-def _csv_text(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+def _csv_text(columns: Sequence[str] | None, rows: Iterable[Sequence[str]]) -> str:
+    """The header (unless ``columns`` is ``None``) and ``rows`` as CSV text, in the dialect the manifest has
+    always had (``csv.DictWriter``'s default: excel, ``\\r\\n``)."""
     buf = io.StringIO()
-    writer = csv.writer(buf)  # the dialect csv.DictWriter used before: excel, "\r\n"
-    writer.writerow(columns)
+    writer = csv.writer(buf)
+    if columns is not None:
+        writer.writerow(columns)
     writer.writerows(rows)
     return buf.getvalue()
 
@@ -200,22 +203,33 @@ def _header(path: Path) -> list[str] | None:
         return None
 
 
-def _read_manifest(path: Path, columns: Sequence[str]) -> dict[str, list[str]] | None:
-    """Rows of a manifest by slide id, or ``None`` when it cannot be merged into (missing, unreadable, other
-    columns, rows of the wrong width or a slide id twice)."""
+def _read_manifest(path: Path, columns: Sequence[str]) -> dict[str, str] | None:
+    """The text of each row of a manifest (as written, so unchanged rows are copied, not re-encoded) by slide
+    id, or ``None`` when it cannot be merged into (missing, unreadable, other columns, a row of the wrong width
+    or not ending in ``\\r\\n``, a slide id twice)."""
     if "slide_id" not in columns:
         return None
     key = list(columns).index("slide_id")
+    lines: list[str] = []  # the physical lines of the row being parsed (a cell may hold line breaks)
+
+    def feed(fh: Iterable[str]) -> Iterator[str]:
+        for line in fh:
+            lines.append(line)
+            yield line
+
     try:
         with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
+            reader = csv.reader(feed(fh))
             if next(reader, None) != list(columns):
                 return None
-            rows: dict[str, list[str]] = {}
+            rows: dict[str, str] = {}
+            lines.clear()
             for row in reader:
-                if len(row) != len(columns) or row[key] in rows:
+                text = "".join(lines)
+                lines.clear()
+                if len(row) != len(columns) or row[key] in rows or not text.endswith("\r\n"):
                     return None
-                rows[row[key]] = row
+                rows[row[key]] = text
     except (OSError, UnicodeDecodeError, csv.Error):
         return None
     return rows
