@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from wsi_mil.errors import BagFileError, OutputError
-from wsi_mil.store.bag_file import BagWriter, bag_is_complete, load_bag, read_bag_attrs
+from wsi_mil.store.bag_file import BagWriter, bag_is_complete, load_bag, read_bag_attrs, writer_checked_finite
 
 ATTRS = {"slide_id": "s1", "footprint_px": 512, "config_hash": "abc", "preprocessing": {"mean": [0.5] * 3}}
 
@@ -40,6 +40,23 @@ def test_round_trip_layout_and_attributes(tmp_path: Path) -> None:
         assert h5["features"].chunks[1] == 16 and h5["coords"].attrs["patch_size"] == 512
     assert bag_is_complete(dest, "abc") and not bag_is_complete(dest, "other")
     assert not bag_is_complete(dest, "abc", require={"weights_sha256": "x"})
+
+
+def test_the_writer_records_that_it_checked_every_value(tmp_path: Path) -> None:
+    """``values_checked="finite"`` on every bag BagWriter writes (float32, float16, empty), whatever the caller's
+    attributes say; a bag whose writer did not record it is not taken as checked."""
+    for name, kw in (("f32.h5", {}), ("f16.h5", {"feature_dtype": "float16"}), ("empty.h5", {"n": 0})):
+        _write(tmp_path / name, **kw)  # type: ignore[arg-type]
+        attrs = read_bag_attrs(tmp_path / name)
+        assert attrs["values_checked"] == "finite" and writer_checked_finite(attrs), name
+    with BagWriter(tmp_path / "claims.h5", 2, {**ATTRS, "values_checked": "nothing"}) as writer:
+        writer.append(np.ones((1, 2), np.float32), np.zeros((1, 2)))
+    assert read_bag_attrs(tmp_path / "claims.h5")["values_checked"] == "finite"
+    with h5py.File(tmp_path / "foreign.h5", "w") as h5:  # CLAM/TRIDENT or an older wsi-mil
+        h5.create_dataset("features", data=np.ones((1, 2), np.float32))
+        h5.create_dataset("coords", data=np.zeros((1, 2), np.int64))
+    assert not writer_checked_finite(read_bag_attrs(tmp_path / "foreign.h5"))
+    assert not writer_checked_finite({"values_checked": b"other"}) and writer_checked_finite({"values_checked": b"finite"})
 
 
 def test_float16_option_and_overflow(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ Layout (readable by CLAM's and TRIDENT's loaders): datasets ``features`` (N x D,
 and ``coords`` (N x 2, int64, level-0 top-left x, y) at the root; attributes describe the slide, the
 tile grid, the encoder and the run, and ``complete`` is set last. A file without ``complete=True``,
 with another config hash, or whose datasets disagree is never taken as done.
+
+``values_checked="finite"``: the writer refused every NaN/Inf (R16), so ``train`` and ``predict`` need not
+scan the values again (:func:`writer_checked_finite`); bags without it (older wsi-mil, CLAM, TRIDENT) are scanned.
 """
 
 from __future__ import annotations
@@ -35,8 +38,13 @@ logger = logging.getLogger(__name__)
 
 FEATURES = "features"
 COORDS = "coords"
+VALUES_CHECKED = "values_checked"
+CHECKED_FINITE = "finite"
 
 
+def writer_checked_finite(attrs: Mapping[str, Any]) -> bool:
+    """Whether the bag's writer checked every feature value was finite (``values_checked="finite"``, BagWriter)."""
+    return decode_attr(attrs.get(VALUES_CHECKED)) == CHECKED_FINITE
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,7 @@ class BagWriter:
                 f.attrs[key] = encode_attr(value)
             f.attrs["n_tiles"] = self.n
             f.attrs["feature_dim"] = self.feature_dim
+            f.attrs[VALUES_CHECKED] = CHECKED_FINITE  # append() refused every NaN/Inf
             f.attrs["complete"] = True
             f.close()
             self._file = None
@@ -340,7 +349,6 @@ def read_bag_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     return attrs
 
 
-
 def bag_is_complete(
     path: str | os.PathLike[str], config_hash: str | None = None, require: Mapping[str, Any] | None = None
 ) -> bool:
@@ -390,4 +398,3 @@ def load_bag(path: str | os.PathLike[str], *, check_finite: bool = False) -> tup
 def feature_file_summary(attrs: Mapping[str, Any]) -> str:
     keys = ("slide_id", "encoder_name", "feature_dim", "mpp", "tile_px", "n_tiles")
     return ", ".join(f"{k}={attrs.get(k)}" for k in keys if k in attrs)
-
