@@ -97,6 +97,18 @@ def test_hash_tracks_output_fields_only():
     assert config_hash(a, EXTRACT_HASH_FIELDS) != config_hash(a.model_copy(update={"encoder": "resnet50_trunc"}), EXTRACT_HASH_FIELDS)
 
 
+def test_train_recheck_needs_the_scan_and_leaves_the_run_key_alone():
+    from wsi_mil.runs.train_state import run_key
+
+    with pytest.raises(ConfigError, match="recheck.*check_finite"):
+        validate_config(TrainConfig, {"recheck": True, "check_finite": False})
+    plain, rechecking = TrainConfig(), TrainConfig(recheck=True)
+    assert plain.recheck is False and rechecking.check_finite is True
+    # resuming a run with or without --recheck is the same run (a bag it leaves out changes the bags instead)
+    assert run_key(plain, {}, []) == run_key(rechecking, {}, [])
+    assert run_key(plain, {}, []) != run_key(TrainConfig(check_finite=False), {}, [])
+
+
 def test_cli_rejects_unknown_key(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("tiling:\n  mpp: 0.5\n  bogus: 1\n")
@@ -142,7 +154,7 @@ def test_each_help_states_the_real_default():
         ("train", "--folds"): train.splits.folds, ("train", "--epochs"): train.training.epochs,
         ("train", "--lr"): train.training.lr, ("train", "--seed"): train.seed,
         ("train", "--id-col"): train.labels.id_col, ("train", "--label-col"): train.labels.label_col,
-        ("train", "--case-col"): train.labels.case_col,
+        ("train", "--case-col"): train.labels.case_col, ("train", "--recheck"): "on" if train.recheck else "off",
         ("heatmap", "--top-k"): heatmap.top_k, ("heatmap", "--max-side-px"): heatmap.max_side_px,
         ("heatmap", "--smooth-um"): heatmap.smooth_sigma_um,
         ("view", "--port"): view.port, ("view", "--host"): view.host, ("view", "--layer"): view.layer,

@@ -206,6 +206,34 @@ def test_non_finite_and_empty_bags_are_left_out_and_training_stays_finite(tmp_pa
     assert out.exit_code == 2 and "nanslide" in out.output and "BagFileError" in out.output
 
 
+def test_train_trusts_bags_their_writer_checked_and_recheck_scans_them(tmp_path):
+    """A bag changed after its writer checked it (NaN written in place, attribute kept) is trusted by default,
+    so its NaN reaches the loss and the error says how to find it; --recheck scans it and leaves it out."""
+    from wsi_mil.mil import TrainingError
+
+    cohort = planted_cohort(tmp_path / "c", n_slides=12, dim=8, shift=4.0)
+    tampered = cohort.slide_ids[:3]
+    for sid in tampered:
+        with h5py.File(cohort.features_dir / f"{sid}.h5", "r+") as f:
+            assert f.attrs["values_checked"] == "finite"
+            f["features"][0, 0] = np.nan
+    config = TrainConfig.model_validate(
+        {"model": {"hidden_dims": [8]}, "training": {"epochs": 2, "device": "cpu"}, "splits": {"folds": 2}, "metrics": {"n_bootstrap": 10}}
+    )
+    with pytest.raises(TrainingError, match=r"loss became nan.*12 bag\(s\) were not scanned.*wsi-mil train --recheck"):
+        run_train(cohort.features_dir, cohort.labels_csv, tmp_path / "trusting", config)
+
+    args = [str(cohort.features_dir), "--labels", str(cohort.labels_csv), "--device", "cpu", "--folds", "2", "--epochs", "2"]
+    out = CliRunner().invoke(train, [*args, "--out", str(tmp_path / "strict"), "--recheck", "--strict"])
+    assert out.exit_code == 2 and "BagFileError" in out.output and all(repr(s) in out.output for s in tampered)
+    out = CliRunner().invoke(train, [*args, "--out", str(tmp_path / "run"), "--recheck"])
+    assert out.exit_code == 0, out.output
+    assert load_config(TrainConfig, tmp_path / "run" / "config.yaml").recheck is True
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sorted(metrics["cohort"]["non_finite_bags"]) == sorted(tampered)
+    assert not set(tampered) & {p["slide_id"] for p in _read_csv(tmp_path / "run" / "predictions.csv")}
+
+
 def test_leaky_splits_file_and_inconsistent_bags_fail_with_clear_errors(tmp_path):
     cohort = planted_cohort(tmp_path / "c", n_slides=12, dim=8, two_slide_cases=1)  # s000 and s002 share case P000
     splits = tmp_path / "splits.csv"

@@ -143,6 +143,42 @@ def test_scan_leaves_out_empty_and_non_finite_bags(tmp_path, caplog):
         scan_bags(sources, strict=True, progress=False)
 
 
+def _tamper(path, value=np.nan):
+    """Write a non-finite value into a finished bag, keeping its attributes (values_checked included)."""
+    with h5py.File(path, "r+") as f:
+        f["features"][1, 2] = value
+
+
+def test_bags_the_writer_checked_are_trusted_unless_recheck_and_the_others_are_always_scanned(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    f = tmp_path / "f"
+    write_bag(f / "ok.h5", rng.normal(size=(5, 8)).astype(np.float32))
+    _tamper(write_bag(f / "tampered.h5", rng.normal(size=(5, 8)).astype(np.float32)))
+    foreign = rng.normal(size=(5, 8)).astype(np.float32)  # no values_checked: CLAM, TRIDENT, older wsi-mil
+    _raw_h5(f / "foreign_ok.h5", foreign, np.zeros((5, 2), np.int64), attrs={**bag_attrs("foreign_ok", 8), "complete": True})
+    foreign[4, 0] = -np.inf
+    _raw_h5(f / "foreign_inf.h5", foreign, np.zeros((5, 2), np.int64), attrs={**bag_attrs("foreign_inf", 8), "complete": True})
+    sources = list(discover_features(f).sources.values())
+
+    with caplog.at_level(logging.INFO):
+        trusting = scan_bags(sources, progress=False)
+    assert sorted(trusting.infos) == ["foreign_ok", "ok", "tampered"]  # the tampered bag is taken on trust
+    assert trusting.non_finite == ["foreign_inf"] and sorted(trusting.trusted) == ["ok", "tampered"]
+    assert trusting.infos["tampered"].finite is None and trusting.infos["foreign_ok"].finite is True
+    assert "2 of 4 bag(s) not scanned for NaN/Inf" in caplog.text
+
+    rechecked = scan_bags(sources, recheck=True, progress=False)
+    assert sorted(rechecked.infos) == ["foreign_ok", "ok"] and sorted(rechecked.non_finite) == ["foreign_inf", "tampered"]
+    assert rechecked.trusted == [] and rechecked.infos["ok"].finite is True
+    with pytest.raises(BagFileError, match="NaN/Inf features: .*'tampered'"):
+        scan_bags(sources, recheck=True, strict=True, progress=False)
+    with pytest.raises(BagFileError, match="NaN/Inf features: 'foreign_inf'"):  # scanned without --recheck too
+        scan_bags(sources, strict=True, progress=False)
+    # without the scan nothing is taken on trust or scanned
+    unchecked = scan_bags(sources, check_finite=False, progress=False)
+    assert len(unchecked.infos) == 4 and unchecked.trusted == [] and unchecked.non_finite == []
+
+
 def test_features_and_coords_of_different_length_name_the_slide(tmp_path):
     _raw_h5(tmp_path / "f" / "slide_R28.h5", np.ones((10, 4), np.float32), np.zeros((9, 2), np.int64))
     sources = list(discover_features(tmp_path / "f").sources.values())

@@ -40,6 +40,7 @@ __all__ = ["predict", "train"]
 @label_column_options(case_col_help="Case/patient column (default case_id; absent: one case per slide).")
 @click.option("--classes", default=None, help="Comma-separated classes in class-index order, e.g. normal,tumor: a label outside them is an error naming its line (default: the labels found, sorted).")
 @click.option("--strict", is_flag=True, default=None, help="Unmatched slides and NaN/Inf bags are errors, not warnings.")
+@click.option("--recheck", is_flag=True, default=None, help="Scan every bag for NaN/Inf, also those whose writer already checked each value (attribute values_checked=finite) (default off: such bags are trusted and only the others are scanned).")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 def train(
     features: str,
@@ -59,6 +60,7 @@ def train(
     case_col: str | None,
     classes: str | None,
     strict: bool | None,
+    recheck: bool | None,
     overwrite: bool,
 ) -> None:
     """Cross-validated MIL training on feature bags (wsi-mil, CLAM or TRIDENT layout) and a label table.
@@ -84,6 +86,7 @@ def train(
                 **label_column_overrides(id_col, label_col, case_col),
                 "labels.classes": None if classes is None else [c.strip() for c in classes.split(",") if c.strip()],
                 "strict": strict,
+                "recheck": recheck,
             },
         )
         from wsi_mil.runs.train import run_train

@@ -42,7 +42,7 @@ import torch
 
 from wsi_mil.errors import BagFileError, FeatureSpecMismatchError, InputError
 from wsi_mil.mil.data import Bag
-from wsi_mil.store.bag_file import FeatureSpec
+from wsi_mil.store.bag_file import FeatureSpec, writer_checked_finite
 from wsi_mil.store.hdf5 import decode_attr, h5_open, positive_float, positive_int, text_or_none
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,10 @@ class BagInfo:
     footprint_px: int | None = None
     has_coords: bool = True
     finite: bool | None = None
+    """``None``: not scanned (``check_finite`` off, or trusted: see ``checked_by_writer``)."""
     attrs: dict[str, Any] = field(default_factory=dict)
+    checked_by_writer: bool = False
+    """The bag's writer checked every value was finite (``values_checked="finite"``)."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +222,9 @@ def _load_pt(path: Path) -> torch.Tensor:
     return obj
 
 
-def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
-    """Size, feature spec and tile geometry of one bag; with ``check_finite``, one block-wise read pass.
+def inspect_bag(source: BagSource, check_finite: bool = True, trust_writer: bool = False) -> BagInfo:
+    """Size, feature spec and tile geometry of one bag; with ``check_finite``, one block-wise read pass,
+    skipped under ``trust_writer`` when the bag's writer checked every value (``values_checked="finite"``).
 
     Raises:
         BagFileError: unreadable file, missing ``features``, ``features`` and ``coords`` of different
@@ -255,7 +259,8 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
                         "coords; the file is inconsistent. Re-extract this slide."
                     )
             finite: bool | None = None
-            if check_finite:
+            checked_by_writer = writer_checked_finite(attrs)
+            if check_finite and not (trust_writer and checked_by_writer):
                 finite = True
                 for start in range(0, n_tiles, _READ_BLOCK_ROWS):
                     if not np.isfinite(ds[start : start + _READ_BLOCK_ROWS]).all():
@@ -300,7 +305,7 @@ def inspect_bag(source: BagSource, check_finite: bool = True) -> BagInfo:
             footprint = positive_int(coords_attrs.get("patch_size"))
     return BagInfo(
         source=source, n_tiles=n_tiles, spec=spec, slide_mpp=slide_mpp, footprint_px=footprint,
-        has_coords=has_coords, finite=finite, attrs=attrs,
+        has_coords=has_coords, finite=finite, attrs=attrs, checked_by_writer=checked_by_writer,
     )
 
 
@@ -482,11 +487,13 @@ class LazyBagDataset(Sequence[Bag]):
 # --- scanning a cohort ------------------------------------------------------------------------------------
 @dataclass
 class ScanResult:
-    """Usable bags by slide id (input order) and the slides left out, by reason."""
+    """Usable bags by slide id (input order), the slides left out, by reason, and the bags not scanned for
+    NaN/Inf because their writer had checked them."""
 
     infos: dict[str, BagInfo]
     empty: list[str]
     non_finite: list[str]
+    trusted: list[str] = field(default_factory=list)
 
 
 def scan_bags(
@@ -494,9 +501,12 @@ def scan_bags(
     check_finite: bool = True,
     strict: bool = False,
     progress: bool | None = None,
+    recheck: bool = False,
 ) -> ScanResult:
     """Inspect every bag; leave out empty bags (R17, counted) and bags with NaN/Inf (R16, a warning;
-    an error under ``strict``).
+    an error under ``strict``). With ``check_finite``, bags whose writer checked every value
+    (``values_checked="finite"``, every wsi-mil bag since it was recorded) are trusted unless ``recheck``;
+    the others (older wsi-mil bags, CLAM, TRIDENT) are scanned.
 
     Raises:
         BagFileError: unreadable or inconsistent files (R28), all named at once; NaN/Inf under ``strict``.
@@ -506,11 +516,12 @@ def scan_bags(
     infos: dict[str, BagInfo] = {}
     empty: list[str] = []
     non_finite: list[str] = []
+    trusted: list[str] = []
     broken: list[str] = []
     with progress_bar(total=len(sources), desc="checking bags", unit="bag", enable=progress) as bar:
         for source in sources:
             try:
-                info = inspect_bag(source, check_finite=check_finite)
+                info = inspect_bag(source, check_finite=check_finite, trust_writer=not recheck)
             except BagFileError as exc:
                 broken.append(str(exc))
                 bar.update(1)
@@ -521,6 +532,8 @@ def scan_bags(
                 non_finite.append(source.slide_id)
             else:
                 infos[source.slide_id] = info
+                if check_finite and info.finite is None and info.checked_by_writer:
+                    trusted.append(source.slide_id)
             bar.update(1)
     if broken:
         more = f" (and {len(broken) - 5} more)" if len(broken) > 5 else ""
@@ -532,7 +545,12 @@ def scan_bags(
         if strict:
             raise BagFileError(message + "; re-extract them (or drop --strict to leave them out).")
         logger.warning("%s; they are left out (re-extract them to use them).", message)
-    return ScanResult(infos=infos, empty=empty, non_finite=non_finite)
+    if trusted:
+        logger.info(
+            "%d of %d bag(s) not scanned for NaN/Inf: their writer checked every value (--recheck scans them too)",
+            len(trusted), len(sources),
+        )
+    return ScanResult(infos=infos, empty=empty, non_finite=non_finite, trusted=trusted)
 
 
 def _ids(ids: Sequence[str], limit: int = 10) -> str:

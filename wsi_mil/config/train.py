@@ -109,12 +109,23 @@ class TrainConfig(StrictModel):
 
     seed: int = Field(0, ge=0)
     strict: bool = Field(False, description="unmatched slides (R18) and NaN/Inf bags (R16) are errors")
-    check_finite: bool = Field(True, description="scan every bag for NaN/Inf before training (one read pass)")
+    check_finite: bool = Field(
+        True, description="scan bags for NaN/Inf before training (one read pass; bags whose writer checked them are trusted)"
+    )
+    recheck: bool = Field(
+        False, description="also scan the bags whose writer checked every value was finite (values_checked=finite)"
+    )
     labels: LabelsConfig = LabelsConfig()
     model: ModelConfig = ModelConfig()
     splits: SplitsConfig = SplitsConfig()
     training: OptimConfig = OptimConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _recheck_needs_the_scan(self) -> TrainConfig:
+        if self.recheck and not self.check_finite:
+            raise ValueError("recheck: true scans every bag for NaN/Inf, but check_finite: false turns the scan off")
+        return self
 
     @model_validator(mode="after")
     def _objective_settings_only_for_loss_attention(self) -> TrainConfig:

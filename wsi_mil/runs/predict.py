@@ -209,8 +209,9 @@ def run_predict(
                 len(labelled_without_features),
                 labelled_without_features[:10],
             )
-    # Under --strict every bag is checked for NaN/Inf before anything is written; otherwise each bag is
-    # checked as it is read for prediction (one read pass instead of two).
+    # Under --strict every bag whose writer did not check its values (values_checked=finite) is scanned for
+    # NaN/Inf before anything is written; every bag is also checked as it is read for prediction (without
+    # --strict, that is the only check: one read pass instead of two).
     scan = scan_bags(list(folder.sources.values()), check_finite=cfg.strict, strict=cfg.strict, progress=progress)
     infos: list[BagInfo] = list(scan.infos.values())
     check_spec(spec, infos, what=f"the checkpoint {sidecars[0]}")

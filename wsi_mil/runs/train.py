@@ -50,7 +50,15 @@ from wsi_mil.cohort.splits import FoldSplit, make_splits, read_splits, write_spl
 from wsi_mil.config import write_config
 from wsi_mil.config.train import TrainConfig, resolve_device
 from wsi_mil.errors import ConfigError, InputError
-from wsi_mil.mil import Trainer, TrainerCallback, TrainerConfig, create_model, list_models, seed_everything
+from wsi_mil.mil import (
+    Trainer,
+    TrainerCallback,
+    TrainerConfig,
+    TrainingError,
+    create_model,
+    list_models,
+    seed_everything,
+)
 from wsi_mil.runs.train_state import claim_run, load_fold, prepare_run_folder, run_key, save_fold
 from wsi_mil.store import atomic_write_json, atomic_write_text
 from wsi_mil.store.bag_file import FeatureSpec
@@ -253,7 +261,7 @@ def run_train(
             f"no slide of the label table {table.source} has a feature file in {folder.root}; the slide ids "
             "must equal the feature file names without extension."
         )
-    scan = scan_bags(matched, check_finite=cfg.check_finite, strict=cfg.strict, progress=progress)
+    scan = scan_bags(matched, check_finite=cfg.check_finite, strict=cfg.strict, progress=progress, recheck=cfg.recheck)
     infos = scan.infos
     spec = cohort_spec(list(infos.values()))
     usable = [s for s in table.slide_ids if s in infos]
@@ -317,7 +325,15 @@ def run_train(
         for fold in folds:
             done = finished[fold.fold]
             if done is None:
-                report, history_lines, log_lines = _train_fold(fold, context, history)
+                try:
+                    report, history_lines, log_lines = _train_fold(fold, context, history)
+                except TrainingError as exc:
+                    if not scan.trusted or "loss became" not in str(exc):
+                        raise
+                    raise TrainingError(
+                        f"{exc} {len(scan.trusted)} bag(s) were not scanned for NaN/Inf because their writer had "
+                        "checked them; if one was changed since, `wsi-mil train --recheck` finds it."
+                    ) from exc
                 save_fold(out, fold.fold, run_id, report, history_lines, log_lines)
             else:
                 report, history_lines, log_lines = done

@@ -40,12 +40,15 @@ FOLD_REPORT = "report.json"
 _CHECKPOINT_FILES = ("model.json", "model.safetensors")
 #: bag attributes that pin what a bag's features are
 _BAG_IDENTITY = ("config_hash", "weights_sha256", "slide_fingerprint", "encoder_name", "wsi_mil_version")
+#: config keys that change no result (a bag a rescan leaves out changes the key through the bags and splits), so
+#: a run can be resumed with or without them, also a run made before they existed
+_NOT_IN_RUN_KEY = {"recheck"}
 
 
 def run_key(config: StrictModel, bags: dict[str, tuple[int, int, int, dict[str, Any]]], folds: Sequence[FoldSplit]) -> str:
     """The key of a run: ``bags`` maps slide id to (tiles, feature dim, file bytes, bag attributes)."""
     blob = {
-        "config": config.model_dump(mode="json"),
+        "config": config.model_dump(mode="json", exclude=_NOT_IN_RUN_KEY),
         "bags": {
             s: [n, dim, size, {k: str(attrs.get(k, "")) for k in _BAG_IDENTITY}]
             for s, (n, dim, size, attrs) in sorted(bags.items())
