@@ -14,7 +14,11 @@ that alternate between the folders (so that load from other processes hits both 
 again later, so each folder keeps its size) and the manifest is updated (timed). Figures are medians;
 ratios are 10,000 / 10.
 
-    .venv/bin/python benchmarks/bookkeeping.py [--rounds 10] [--run-slides 20] [--dir /scratch] [--out FILE]
+    .venv/bin/python benchmarks/bookkeeping.py [--rounds 10] [--run-slides 20] [--bags 50] [--dir /scratch] [--out FILE]
+
+Also ``train``'s bag inspection (``scan_bags``) over ``--bags`` small bags written by ``BagWriter``: trusting
+the writer's ``values_checked="finite"`` (the default) vs ``--recheck`` (a NaN/Inf scan of every value). The
+bags are fresh in the page cache, so the scan's cost here is decoding and checking, not disk reads.
 
 Target (wsi-mil issue 19): per-slide cost ratio <= 1.5. ``--dir`` puts the folders on the storage to
 measure (a network file system, say); the default is the system's temp folder.
@@ -70,6 +74,35 @@ def _prepare(root: Path, n: int) -> RecordStore:
     return store
 
 
+def _bag_inspection(root: Path, n_bags: int, tiles: int, dim: int, repeats: int) -> list[str]:
+    """Median seconds of ``scan_bags`` over ``n_bags`` bags, trusting their writer vs rechecking every value."""
+    import numpy as np
+
+    from wsi_mil.cohort.datasets import discover_features, scan_bags
+    from wsi_mil.store.bag_file import BagWriter
+
+    rng = np.random.default_rng(0)
+    folder = root / "features"
+    for i in range(n_bags):
+        with BagWriter(folder / f"bag{i:03d}.h5", dim, {"slide_id": f"bag{i:03d}", "encoder_name": "bench"}) as w:
+            w.append(rng.standard_normal((tiles, dim), dtype=np.float32), np.zeros((tiles, 2), np.int64))
+    sources = list(discover_features(folder).sources.values())
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for recheck in (False, True):
+            t = time.perf_counter()
+            scan = scan_bags(sources, progress=False, recheck=recheck)
+            seconds[recheck].append(time.perf_counter() - t)
+            assert len(scan.infos) == n_bags and len(scan.trusted) == (0 if recheck else n_bags)
+    trusted, rechecked = (1000.0 * statistics.median(seconds[k]) for k in (False, True))
+    mb = n_bags * tiles * dim * 4 / 1e6
+    return [
+        f"train's bag inspection, {n_bags} bags of {tiles} x {dim} float32 ({mb:.0f} MB), median of {repeats}:",
+        f"  trusting the writer (default) {trusted:.1f} ms, --recheck {rechecked:.1f} ms "
+        f"({rechecked / trusted:.1f}x; {trusted / n_bags:.2f} vs {rechecked / n_bags:.2f} ms per bag)",
+    ]
+
+
 def _ms(seconds: list[float]) -> float:
     return 1000.0 * statistics.median(seconds)
 
@@ -79,6 +112,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="runs per folder (default 10)")
     parser.add_argument("--run-slides", type=int, default=20, help="slides per run (default 20: 10,000 slides in 500 tasks)")
     parser.add_argument("--rebuilds", type=int, default=3, help="timed full rebuilds per folder (default 3)")
+    parser.add_argument("--bags", type=int, default=50, help="bags for the inspection timing (default 50; 0: skip)")
+    parser.add_argument("--bag-tiles", type=int, default=2000, help="tiles per bag (default 2000)")
+    parser.add_argument("--bag-dim", type=int, default=1024, help="features per tile (default 1024)")
     parser.add_argument("--dir", type=Path, default=None, help="where to make the folders (default: temp folder)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
@@ -107,6 +143,7 @@ def main() -> None:
                 rebuild[n].append(time.perf_counter() - t)
         rows = {n: len((store.out_dir / "manifest.csv").read_text(encoding="utf-8").splitlines()) - 1
                 for n, store in stores.items()}
+        bag_lines = _bag_inspection(root, args.bags, args.bag_tiles, args.bag_dim, 3) if args.bags else []
 
     small, large = SIZES
     slide_ratio = _ms(per_slide[large]) / _ms(per_slide[small])
@@ -130,6 +167,7 @@ def main() -> None:
         "",
         f"per-slide ratio {slide_ratio:.2f} (target <= {TARGET_RATIO}): {'met' if slide_ratio <= TARGET_RATIO else 'NOT met'}; "
         f"at 10,000 records the run-end update costs {_ms(per_run[large]) / _ms(rebuild[large]):.3f} of a full rebuild",
+        *([""] + bag_lines if bag_lines else []),
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
