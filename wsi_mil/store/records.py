@@ -2,8 +2,8 @@
 
 Schema: one JSON object per processed slide with at least ``slide_id`` and ``status`` (each command adds
 its own columns, e.g. :data:`wsi_mil.runs.extract.EXTRACT_COLUMNS`). ``manifest.csv`` is rebuilt from all
-records under a folder lock, so concurrent processes never overwrite each other's rows; floats are
-written with 4 significant digits and ``None`` as an empty cell.
+records under a folder lock (none under ``--no-claims``), so concurrent processes never overwrite each
+other's rows; floats are written with 4 significant digits and ``None`` as an empty cell.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ logger = logging.getLogger(__name__)
 class RecordStore:
     """One JSON record per slide under ``<out>/.records``; ``manifest.csv`` is built from them."""
 
-    def __init__(self, out_dir: Path, columns: Sequence[str]) -> None:
+    def __init__(self, out_dir: Path, columns: Sequence[str], *, locking: bool = True) -> None:
         self.out_dir = Path(out_dir)
         self.dir = self.out_dir / ".records"
         self.columns = list(columns)
+        self.locking = locking  # False under --no-claims: the manifest is rebuilt without the folder lock
 
     def write(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.dir / f"{record['slide_id']}.json", record)
@@ -50,7 +51,7 @@ class RecordStore:
         return out
 
     def write_manifest(self, name: str = "manifest.csv") -> Path:
-        with folder_lock(self.out_dir, "manifest"):
+        with folder_lock(self.out_dir, "manifest", enabled=self.locking):
             rows = sorted(self.all(), key=lambda r: str(r.get("slide_id", "")))
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
