@@ -34,7 +34,7 @@ from extract_helpers import (
 
 from wsi_mil.cli.main import main
 from wsi_mil.config import ExtractConfig, extract_config_hash, load_config
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import ConfigError, OutputConflictError
 from wsi_mil.runs.devices import device_labels, extract_on_devices, resolve_devices, share_workers
 from wsi_mil.runs.extract import EXTRACT_COLUMNS, run_extract
 from wsi_mil.runs.slide_loop import part_of, run_file_name, select_shard, shard_of
@@ -256,6 +256,18 @@ def test_no_claims_with_devices_takes_no_lock_and_does_every_slide(
     assert sorted(w.split("]")[0] for w in warnings) == ["[cpu#0", "[cpu#1"]  # once per process, naming it
     assert json.loads((out / "run.json").read_text())["claims"] is False
     assert {r["status"] for r in manifest(out).values()} == {"done"}
+
+
+def test_an_error_that_stops_every_process_stops_the_run_once(cohort: list[Path], reference: Path, tmp_path: Path) -> None:
+    """Each process meets the same refusal (here: a folder made with another config, R25); the run
+    raises it once, as a single process would, after every process has ended."""
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    before = _fingerprint(out)
+    cfg = fast_config(devices="cpu,cpu", device="auto", feature_dtype="float16")
+    with pytest.raises(OutputConflictError, match=r"another configuration \(feature_dtype: 'float32' -> 'float16'\)"):
+        extract_on_devices(cohort, out, cfg, progress=False)
+    assert _fingerprint(out) == before
 
 
 # --- shared storage -------------------------------------------------------------------------------------

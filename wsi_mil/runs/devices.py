@@ -116,7 +116,7 @@ def extract_on_devices(
     if cfg.devices is None:
         return run_extract(slides, out_dir, cfg, progress=progress, threads=threads, **common)
     devices = resolve_devices(cfg.devices)
-    cfg = cfg.model_copy(update={"devices": devices})  # config.yaml records the devices that ran
+    cfg = cfg.model_copy(update={"devices": devices})  # config.yaml records the devices that ran ("all" resolved)
     if len(devices) == 1:
         return run_extract(slides, out_dir, cfg, progress=progress, threads=threads, process_device=devices[0], **common)
     slides = [Path(p) for p in slides]
@@ -146,11 +146,11 @@ def extract_on_devices(
         RecordStore(out_dir, EXTRACT_COLUMNS, locking=claims).write_manifest()  # once, for every process
     except OSError as exc:  # the disk may be full, or refuse the folder lock; the records are safe
         logger.error("could not write the manifest: %s", exc)
-    _write_run_file(out_dir, devices, children, summary, shard, claims)
     stopped = [(kind, c.error[1]) for c in children if c.error is not None and (kind := _wsi_error(c.error[0]))]
     if stopped and not interrupted:
         kind, message = stopped[0]
-        raise kind(message)  # every process met it (a config conflict, a file system without locks): once
+        raise kind(message)  # as one process would (no run file): every process met it, e.g. a config conflict
+    _write_run_file(out_dir, devices, children, summary, shard, claims)
     return summary
 
 
