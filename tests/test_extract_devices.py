@@ -143,7 +143,7 @@ def test_two_processes_with_devices_on_one_folder_do_each_slide_once(
         read_h5(reference / "features" / f"{ids[0]}.h5")[2]["config_hash"]
     }
     assert temp_files(out / "features") == []
-    assert {r["status"] for r in manifest(out).values()} == {"done"}
+    assert {r["status"] for r in manifest(out).values()} <= {"done", "skipped"}  # skipped: done by the other run
     assert yaml.safe_load((out / "config.yaml").read_text())["devices"] == ["cpu", "cpu"]
     assert sorted(p.name for p in out.glob("run*.json")) == ["run.device-0-of-2.json", "run.device-1-of-2.json", "run.json"]
     run = json.loads((out / "run.json").read_text())
