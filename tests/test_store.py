@@ -54,7 +54,12 @@ def test_stale_temp_files_belong_to_one_output_only(tmp_path: Path) -> None:
         p.write_bytes(b"partial")
     x.write_bytes(b"final")
     assert stale_temp_files(x) == sorted(mine)
-    assert remove_stale_temp_files(x) == 2
+    claim = SlideLock(tmp_path.parent / f"{tmp_path.name}-out", "x")
+    with pytest.raises(ValueError, match="only the process holding the slide's claim"):
+        remove_stale_temp_files(x, claim=claim)  # not acquired: another process may be writing them
+    assert claim.acquire()
+    assert remove_stale_temp_files(x, claim=claim) == 2
+    claim.release()
     assert sorted(tmp_path.iterdir()) == sorted([x, *theirs])
     assert stale_temp_files(tmp_path / "missing" / "z.h5") == []
 
@@ -186,3 +191,21 @@ def test_the_record_is_on_disk_before_the_claim_is_released(tmp_path: Path, monk
     summary = run_batch(slides, tmp_path / "out", lambda p: {"status": "done"}, ["slide_id", "status"], progress=False)
     assert [r["status"] for r in summary.records] == ["done", "done"]
     assert seen_at_release == [True, True]
+
+    # and a process that dies right there (injected: os._exit in the release) leaves its record behind
+    crash = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from wsi_mil.runs.slide_loop import run_batch\n"
+        "from wsi_mil.store import SlideLock\n"
+        "SlideLock.release = lambda self: os._exit(17) if self.held else None\n"
+        "run_batch([Path(sys.argv[1])], Path(sys.argv[2]), lambda p: {'status': 'done'}, ['slide_id', 'status'], progress=False)\n"
+    )
+    slide = tmp_path / "c.svs"
+    slide.write_bytes(b"x")
+    died = subprocess.run([sys.executable, "-c", crash, str(slide), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert died.returncode == 17, died.stderr
+    assert (RecordStore(tmp_path / "out", ["slide_id"]).read("c") or {}).get("status") == "done"
+    claim = SlideLock(tmp_path / "out", "c")
+    assert claim.acquire()  # the kernel dropped the dead process's claim
+    claim.release()

@@ -80,6 +80,10 @@ class OutputError(WsiMilError, OSError):
     """An output folder or file cannot be written (permissions, disk full, lock failures)."""
 
 
+class ProcessCrashError(WsiMilError, RuntimeError):
+    """A process of a multi-process run (``extract --devices``) ended without reporting its slides."""
+
+
 class OutputConflictError(OutputError):
     """The output folder was made with another configuration; use --overwrite to replace it."""
 

@@ -30,6 +30,7 @@ from wsi_mil.cli.common import (
 @click.option("--random-init", is_flag=True, default=None, help="Random encoder weights (testing only; recorded in the output).")
 @encoder_tile_size_options
 @device_option()
+@click.option("--devices", default=None, help="One extract process per device on this node, each with a disjoint part of the slides (and of --shard's) and its share of --workers: all (every visible GPU) or a list such as cuda:0,cuda:1 (an entry may repeat: cpu,cpu). Instead of --device.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass (default 8 on CPU, 128 on CUDA).")
 @click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N loader processes; default: a reading thread on CPU, up to 8 processes on CUDA.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: the encoder preset's default (`wsi-mil encoders --json`): bf16 where the hardware has it, else fp32; EfficientNet-Lite0 stays fp32 on CPU.")
@@ -37,6 +38,7 @@ from wsi_mil.cli.common import (
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
 @click.option("--skip-unreadable-tiles", is_flag=True, default=None, help="Skip and count corrupt tiles instead of failing the slide.")
 @click.option("--shard", default=None, help="I/N: process shard I of N (default from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX).")
+@click.option("--no-claims", is_flag=True, help="Take no per-slide flock claims (for file systems without flock); every process writing to OUT must then be given other slides (--shard, a Slurm array, a Kubernetes indexed job, --devices).")
 @click.option("--overwrite", is_flag=True, help="Recompute everything, also in a folder made with another config.")
 @click.option("--allow-failed-slides", is_flag=True, help="Exit 0 when slides failed (each is explained in manifest.csv): for job chains (Slurm afterok, Kubernetes Jobs) that go on with the good slides.")
 @slide_options()
@@ -50,6 +52,7 @@ def extract(
     mpp: float | None,
     tile_px: int | None,
     device: str | None,
+    devices: str | None,
     batch_size: int | None,
     workers: int | None,
     precision: str | None,
@@ -57,6 +60,7 @@ def extract(
     compile_: bool | None,
     skip_unreadable_tiles: bool | None,
     shard: str | None,
+    no_claims: bool,
     overwrite: bool,
     allow_failed_slides: bool,
     backend: str | None,
@@ -84,6 +88,7 @@ def extract(
                 "tiling.mpp": mpp,
                 "tiling.tile_px": tile_px,
                 "device": device,
+                "devices": devices,
                 "batch_size": batch_size,
                 "workers": workers,
                 "precision": precision,
@@ -95,13 +100,15 @@ def extract(
         )
         shard_ix = parse_shard(shard)
         paths = discover_slides(list(slides))
-        from wsi_mil.runs.extract import run_extract
+        from wsi_mil.runs.devices import extract_on_devices
 
-        summary = run_extract(paths, Path(out_dir), cfg, overwrite=overwrite, shard=shard_ix)
+        summary = extract_on_devices(paths, Path(out_dir), cfg, overwrite=overwrite, shard=shard_ix, claims=not no_claims)
     click.echo(summary.text())
     click.echo(f"features: {Path(out_dir) / 'features'}  manifest: {Path(out_dir) / 'manifest.csv'}")
     code = summary.exit_code
-    if code == 1 and allow_failed_slides:
+    if summary.crashed:
+        click.echo(f"{len(summary.crashed)} process(es) ended without reporting their slides: exit 1 (rerun to resume)", err=True)
+    elif code == 1 and allow_failed_slides:
         click.echo(f"{len(summary.failed)} slide(s) failed (see the manifest); exit 0 (--allow-failed-slides)", err=True)
         code = 0
     sys.exit(code)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from wsi_mil.config.base import StrictModel, config_hash
+from wsi_mil.errors import ConfigError
 
 
 class TissueConfig(StrictModel):
@@ -76,6 +78,12 @@ class ExtractConfig(StrictModel):
     )
     random_init: bool = False
     device: str = "auto"
+    devices: list[str] | Literal["all"] | None = Field(
+        None,
+        description="one extract process per device, each with a disjoint part of the slides: 'all' (every visible "
+        "CUDA device) or a list such as [cuda:0, cuda:1] ('cuda:0,cuda:1' too; an entry may repeat: two "
+        "processes on one GPU, or cpu,cpu); null: one process on `device`",
+    )
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     batch_size: int | None = Field(
         None, ge=1, le=4096, description="tiles per forward pass; null: 8 on CPU (fastest measured), 128 on CUDA"
@@ -87,8 +95,43 @@ class ExtractConfig(StrictModel):
     skip_unreadable_tiles: bool = False
     thumbnail_px: int = Field(1024, ge=64, le=8192)
 
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _split_devices(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() != "all":
+            return [part.strip() for part in value.split(",")]
+        return value.strip() if isinstance(value, str) else value
 
-# Fields that change what an extract output contains; a rerun with different values is refused.
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if not isinstance(value, list):
+            return value
+        bad = [d for d in value if not re.fullmatch(r"cpu|cuda:\d+", d)]
+        if bad or not value:
+            raise ConfigError(
+                f"{bad or 'an empty list'} not understood: give 'all' or entries cpu or cuda:N, e.g. "
+                "--devices cuda:0,cuda:1."
+            )
+        if len({d.split(":")[0] for d in value}) > 1:
+            raise ConfigError(
+                f"devices {value} mix CPU and CUDA: their precision and batch size would differ, and so would "
+                "the features. Give only cuda:N entries (or only cpu)."
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _device_or_devices(self) -> ExtractConfig:
+        if self.devices is not None and self.device != "auto":
+            raise ConfigError(
+                f"device {self.device!r} and devices {self.devices!r} both given: keep one (devices runs one "
+                "process per entry; device runs one process)."
+            )
+        return self
+
+
+# Fields that change what an extract output contains; a rerun with different values is refused. Where it
+# ran (device, devices, workers, batch size) is not one of them: features do not depend on the process.
 EXTRACT_HASH_FIELDS = ("slide", "tissue", "tiling", "encoder", "weights", "random_init", "precision", "feature_dtype")
 
 

@@ -25,7 +25,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +68,7 @@ from wsi_mil.features.stream import (
 from wsi_mil.runs.prepare import SlideOpener, prepare_slide
 from wsi_mil.runs.slide_loop import BatchSummary, run_batch
 from wsi_mil.slide import choose_reader, reader_versions
-from wsi_mil.store import atomic_write_json, ensure_writable_dir, folder_lock, remove_stale_temp_files
+from wsi_mil.store import atomic_write_json, ensure_writable_dir, folder_lock
 from wsi_mil.store.bag_file import BagWriter, bag_is_complete
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _versions() -> dict[str, str]:
 
 
 def _check_folder_config(
-    out_dir: Path, cfg: ExtractConfig, chash: str, overwrite: bool, *, write: bool
+    out_dir: Path, cfg: ExtractConfig, chash: str, overwrite: bool, *, write: bool, locking: bool = True
 ) -> None:
     """Refuse a folder made with another config unless ``overwrite`` (R25); with ``write``, record ours.
 
@@ -140,7 +140,7 @@ def _check_folder_config(
     encoder has loaded (a mistyped ``--weights`` path must not leave its config behind), to check again
     and write, under the folder's config lock.
     """
-    with folder_lock(out_dir, "config"):
+    with folder_lock(out_dir, "config", enabled=locking):
         existing = out_dir / "config.yaml"
         if existing.exists() and not overwrite:
             try:
@@ -172,21 +172,43 @@ def run_extract(
     shard: tuple[int, int] = (0, 1),
     progress: bool | None = None,
     threads: int | None = None,
+    claims: bool = True,
+    process_device: str | None = None,
+    process_workers: int | None = None,
+    part: tuple[int, int] = (0, 1),
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    write_manifest: bool = True,
 ) -> BatchSummary:
     """Extract features for ``slides`` into ``out_dir`` (see the module docstring and the README).
 
     ``threads``: torch CPU threads while running (restored afterwards); default ``OMP_NUM_THREADS``
-    when set, else the CPUs this process may use.
+    when set, else the CPUs this process may use. ``claims=False`` (``--no-claims``): no slide claims;
+    the processes sharing ``out_dir`` must be given disjoint shards. One process of ``extract --devices``
+    (:mod:`wsi_mil.runs.devices` sets the rest) runs on ``process_device`` with ``process_workers`` loader
+    workers over part ``part = (k, M)`` of its shard; both override the config's without changing
+    ``config.yaml``.
     """
     from wsi_mil.features.encoders import create_encoder, encoder_identity
     from wsi_mil.features.tile_settings import resolve_tile_settings
-    from wsi_mil.runs.slide_loop import check_unique_ids, select_shard
+    from wsi_mil.runs.slide_loop import check_unique_ids, run_file_name, select_shard
 
     cfg = cfg or ExtractConfig()
+    if cfg.devices is not None and process_device is None:
+        raise ConfigError(
+            f"devices {cfg.devices!r} asks for one process per device: run it with wsi_mil.runs.devices."
+            "extract_on_devices (as `wsi-mil extract` and the pipeline do), not run_extract."
+        )
+    if not claims:
+        logger.warning(
+            "--no-claims: slides are not claimed and %s is not locked; every process writing there must be given "
+            "other slides (--shard I/N, a Slurm array, a Kubernetes indexed job or --devices), or a slide is "
+            "computed twice and a process may remove the other's temp files.",
+            out_dir,
+        )
     slides = [Path(p) for p in slides]
     check_unique_ids(slides)  # R21: two inputs would write one output
     out_dir = ensure_writable_dir(out_dir)  # R15: before any slide is opened
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device if process_device is None else process_device)
     precision = resolve_precision(cfg.precision, device, cfg.encoder)
     tile = resolve_tile_settings(cfg.encoder, cfg.tiling.mpp, cfg.tiling.tile_px)  # the preset's unless overridden
     for warning in tile.warnings:
@@ -201,7 +223,7 @@ def run_extract(
     cfg = resolved  # config.yaml records what ran
     tiling = TilingConfig(**cfg.tiling.model_dump())
     chash = extract_config_hash(resolved)
-    _check_folder_config(out_dir, resolved, chash, overwrite, write=False)
+    _check_folder_config(out_dir, resolved, chash, overwrite, write=False, locking=claims)
     opener = SlideOpener(cfg.slide)  # reads the mpp override CSV now: a bad table fails before any slide
 
     with torch.random.fork_rng(devices=[]):
@@ -219,8 +241,8 @@ def run_extract(
     identity = encoder_identity(encoder)
     if cfg.random_init:
         identity["random_init_seed"] = RANDOM_INIT_SEED
-    _check_folder_config(out_dir, resolved, chash, overwrite, write=True)
-    loader_mode, n_workers = resolve_loader(cfg.workers, device)
+    _check_folder_config(out_dir, resolved, chash, overwrite, write=True, locking=claims)
+    loader_mode, n_workers = resolve_loader(cfg.workers if process_workers is None else process_workers, device)
     logger.info(
         "encoder %s (%d-d, weights %s) on %s, %s, batch %s, tiles read %s",
         encoder.name,
@@ -232,7 +254,7 @@ def run_extract(
         {"series": "in series", "thread": "by a thread", "processes": f"by {n_workers} processes"}[loader_mode],
     )
     index, count = shard
-    selected = select_shard(list(slides), index, count) if count > 1 else list(slides)
+    selected = select_shard(slides, index, count, part)
     features_dir = out_dir / "features"
     features_dir.mkdir(exist_ok=True)
 
@@ -245,8 +267,6 @@ def run_extract(
     def prepare(path: Path) -> _Prepared:
         """Open the slide, find tissue (QC files), lay the grid, choose the tile reader; in thread mode start reading."""
         t_start = time.perf_counter()
-        # We hold this slide's lock: temp files of it are left by a killed process (R10).
-        remove_stale_temp_files(features_dir / f"{path.stem}.h5")
         with contextlib.ExitStack() as stack:
             opened = stack.enter_context(opener.open(path))
             slide = choose_reader(opened, cfg.slide.backend)
@@ -380,6 +400,12 @@ def run_extract(
             redo=overwrite,
             prefetch=prefetch if executor is not None else None,
             discard=discard,
+            on_record=on_record,
+            claims=claims,
+            # temp files of these left by a killed process (R10) are removed by the slide's claim holder
+            outputs=lambda p: (features_dir / f"{p.stem}.h5", out_dir / "tissue" / f"{p.stem}.png",
+                               out_dir / "tissue" / f"{p.stem}.geojson"),
+            write_manifest=write_manifest,
         )
     totals: dict[str, Any] = {
         "slides": len(selected),
@@ -388,7 +414,7 @@ def run_extract(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     totals["tiles_per_s"] = round(float(totals["tiles"]) / max(float(totals["seconds"]), 1e-9), 2)
-    run_name = "run.json" if count == 1 else f"run.shard-{index}-of-{count}.json"
+    run_name = run_file_name(shard, part)
     try:
         atomic_write_json(
             out_dir / run_name,
@@ -403,6 +429,8 @@ def run_extract(
                 "config_hash": chash,
                 "encoder": identity,
                 "shard": [index, count],
+                **({"part": list(part)} if part[1] > 1 else {}),
+                "claims": claims,
                 "interrupted": summary.interrupted,
                 "totals": totals,
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -515,14 +543,15 @@ class _sigterm_as_interrupt:
     """Treat SIGTERM (docker stop, Slurm pre-emption) like Ctrl-C so temp files are cleaned up.
 
     Also ignores SIGXFSZ so that a file-size limit gives an error we can report instead of killing
-    the process.
+    the process. A SIGTERM handler the program already set (a process of ``extract --devices``) is kept.
     """
 
     def __enter__(self) -> None:
         self._old: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return
-        self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
         self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     def __exit__(self, *exc: object) -> None:

@@ -1,7 +1,7 @@
 """``wsi-mil pipeline``: one config runs a cohort through extract -> train -> predict -> heatmap.
 
 The cohort is the built-in sample cohort (``sample_data``) or the user's slides and label CSV. Each
-stage calls the same library function as its own command (:func:`~wsi_mil.runs.extract.run_extract`,
+stage calls the same library function as its own command (:func:`~wsi_mil.runs.devices.extract_on_devices`,
 :func:`~wsi_mil.runs.train.run_train`, :func:`~wsi_mil.runs.predict.run_predict`,
 :func:`~wsi_mil.runs.heatmap.run_heatmap`) with the stage's section of the config, which takes exactly
 the keys of ``configs/<stage>.yaml``. Layout of ``out``: ``cohort/`` (sample data only), ``extract/``,
@@ -145,7 +145,7 @@ def load_pipeline_config(
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool | None = None) -> PipelineResult:
     """Run every stage; raise :class:`~wsi_mil.errors.InputError` when a stage leaves nothing to go on."""
-    from wsi_mil.runs.extract import run_extract
+    from wsi_mil.runs.devices import extract_on_devices
     from wsi_mil.runs.heatmap import run_heatmap
     from wsi_mil.runs.predict import run_predict
     from wsi_mil.runs.slide_loop import discover_slides
@@ -178,7 +178,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool | None = None) -> Pipeli
     logger.info("pipeline: %d slide(s) -> %s", len(slides), out)
 
     t0 = time.perf_counter()
-    summary = run_extract(slides, out / "extract", cfg.extract, progress=progress)
+    summary = extract_on_devices(slides, out / "extract", cfg.extract, progress=progress)
     seconds["extract"] = time.perf_counter() - t0
     if summary.interrupted:
         raise KeyboardInterrupt

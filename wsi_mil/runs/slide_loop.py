@@ -23,7 +23,7 @@ from typing import Any
 
 from wsi_mil.errors import DuplicateSlideIdError, InputError, NoTissueError, OutputError, WsiMilError
 from wsi_mil.slide import SLIDE_SUFFIXES
-from wsi_mil.store import RecordStore, SlideLock
+from wsi_mil.store import RecordStore, SlideLock, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +114,40 @@ def parse_shard(spec: str | None, env: dict[str, str] | None = None) -> tuple[in
     return index, count
 
 
+def _slide_hash(slide_id: str) -> int:
+    return int(hashlib.sha1(slide_id.encode("utf-8"), usedforsecurity=False).hexdigest(), 16)
+
+
 def shard_of(slide_id: str, count: int) -> int:
     """Deterministic shard of a slide id, independent of the input order and of Python's hash seed."""
-    return int(hashlib.sha1(slide_id.encode("utf-8"), usedforsecurity=False).hexdigest(), 16) % count
+    return _slide_hash(slide_id) % count
 
 
-def select_shard(paths: Sequence[Path], index: int, count: int) -> list[Path]:
-    return [p for p in paths if shard_of(p.stem, count) == index]
+def part_of(slide_id: str, shard_count: int, count: int) -> int:
+    """The part (of ``count``, one per ``--devices`` entry) of a slide within its shard of ``shard_count``.
+
+    With ``h`` the slide id's hash, the shard is ``h mod N`` and the part ``(h div N) mod M``: another
+    function of the same hash, so the parts of one shard are disjoint, cover it, and are about equal
+    whatever ``N`` is; with ``M = 1`` nothing changes.
+    """
+    return (_slide_hash(slide_id) // shard_count) % count
+
+
+def select_shard(paths: Sequence[Path], index: int, count: int, part: tuple[int, int] = (0, 1)) -> list[Path]:
+    """The slides of shard ``index`` of ``count`` and, within it, of part ``part = (k, M)`` (:func:`part_of`)."""
+    k, m = part
+    return [p for p in paths if shard_of(p.stem, count) == index and (m == 1 or part_of(p.stem, count, m) == k)]
+
+
+def run_file_name(shard: tuple[int, int] = (0, 1), part: tuple[int, int] = (0, 1)) -> str:
+    """The run file of one process: ``run.json``, ``run.shard-I-of-N.json``, ``run[.shard-I-of-N].device-K-of-M.json``.
+
+    Processes of different shards or parts never write the same file.
+    """
+    name = "run" if shard[1] == 1 else f"run.shard-{shard[0]}-of-{shard[1]}"
+    if part[1] > 1:
+        name += f".device-{part[0]}-of-{part[1]}"
+    return name + ".json"
 
 
 @dataclass
@@ -128,6 +155,8 @@ class BatchSummary:
     records: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    #: processes of the run that ended without reporting (``extract --devices``), one line each
+    crashed: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> Counter[str]:
@@ -149,6 +178,8 @@ class BatchSummary:
         lines = [f"{len(self.records)} slide(s) in {self.seconds:.1f} s: " + (", ".join(parts) or "nothing to do")]
         for r in self.failed:
             lines.append(f"  FAILED {r['slide_id']}: {r.get('error_class', '')}: {r.get('error', '')}")
+        for line in self.crashed:
+            lines.append(f"  CRASHED {line}")
         if self.interrupted:
             lines.append("  interrupted: rerun the same command to resume")
         return "\n".join(lines)
@@ -193,6 +224,9 @@ def run_batch(
     redo: bool = False,
     prefetch: Callable[[Path], None] | None = None,
     discard: Callable[[Path], None] | None = None,
+    claims: bool = True,
+    outputs: Callable[[Path], Sequence[Path]] | None = None,
+    write_manifest: bool = True,
 ) -> BatchSummary:
     """Run ``process(path) -> record fields`` per slide with locks, records and a manifest.
 
@@ -209,10 +243,16 @@ def run_batch(
     ``process`` starts on a slide, so that work for the next slide (opening it, finding tissue, reading
     its first tiles) can overlap this one; ``discard(path)`` is called for a prefetched slide that will
     not be processed (the batch stopped).
+
+    ``outputs(path)``: the files the slide's ``process`` writes; temp files of them left by a killed
+    process are removed here, by the one process that holds the slide's claim, just before the slide (or
+    its prefetch) starts. ``claims=False`` (``--no-claims``): no locks at all, not even the manifest's;
+    the caller promises that no other process is given these slides (disjoint shards). With
+    ``write_manifest=False`` the manifest is left to the caller (``extract --devices`` writes it once).
     """
     from wsi_mil.progress import progress_bar
 
-    store = RecordStore(out_dir, columns)
+    store = RecordStore(out_dir, columns, locking=claims)
     summary = BatchSummary()
     start = time.perf_counter()
     bar = progress_bar(total=len(paths), desc=desc, unit="slide", enable=progress)
@@ -224,11 +264,18 @@ def run_batch(
             record["config_hash"] = config_hash
         return record
 
+    def claim(slide_id: str) -> SlideLock:
+        return SlideLock(out_dir, slide_id, enabled=claims)
+
+    def clean(path: Path, lock: SlideLock) -> None:
+        for dest in outputs(path) if outputs is not None else ():
+            remove_stale_temp_files(dest, claim=lock)
+
     def look_ahead(i: int) -> None:
         j = i + 1
         if prefetch is None or j >= len(paths) or j in ahead:
             return
-        lock = SlideLock(out_dir, paths[j].stem)
+        lock = claim(paths[j].stem)
         if not lock.acquire():
             return
         try:
@@ -236,6 +283,7 @@ def run_batch(
                 redo or not _known_no_tissue(store.read(paths[j].stem) or {}, new_record(paths[j]))
             )
             if wanted:
+                clean(paths[j], lock)
                 prefetch(paths[j])
                 ahead[j] = lock
         except Exception as exc:  # prefetching is an optimisation: the slide's turn will tell
@@ -247,7 +295,8 @@ def run_batch(
     try:
         for i, path in enumerate(paths):
             slide_id = path.stem
-            lock = ahead.pop(i, None) or SlideLock(out_dir, slide_id)
+            prefetched = i in ahead  # claimed and cleaned by look_ahead; its prepare may be writing already
+            lock = ahead.pop(i, None) or claim(slide_id)
             if not lock.held and not lock.acquire():
                 logger.info("%s is being processed by another process; leaving it", slide_id)
                 summary.records.append({"slide_id": slide_id, "path": str(path), "status": "locked"})
@@ -268,6 +317,8 @@ def run_batch(
                             status="no_tissue", error_class=old.get("error_class"), error=old.get("error"), n_tiles=0
                         )
                     else:
+                        if not prefetched:
+                            clean(path, lock)
                         look_ahead(i)
                         record.update(process(path))
                 except KeyboardInterrupt:
@@ -312,8 +363,9 @@ def run_batch(
             lock.release()
         bar.close()
         summary.seconds = time.perf_counter() - start
-        try:
-            store.write_manifest()
-        except OSError as exc:  # the disk may be full; the records are already safe
-            logger.error("could not write the manifest: %s", exc)
+        if write_manifest:
+            try:
+                store.write_manifest()
+            except OSError as exc:  # the disk may be full, or refuse the folder lock; the records are safe
+                logger.error("could not write the manifest: %s", exc)
     return summary

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.errors import OutputError
+from wsi_mil.store.locks import SlideLock
 
 logger = logging.getLogger(__name__)
 
@@ -159,11 +160,15 @@ def stale_temp_files(dest: Path) -> list[Path]:
         return []
 
 
-def remove_stale_temp_files(dest: Path) -> int:
+def remove_stale_temp_files(dest: Path, *, claim: SlideLock) -> int:
     """Remove the temp files a killed writer of ``dest`` left (SIGKILL gives it no chance to).
 
-    Only call while holding ``dest``'s slide lock: then no live process is writing them.
+    ``claim``: the claim of the slide ``dest`` belongs to, held by this process (refused otherwise): then
+    no live process is writing them. (Under ``--no-claims`` the claim is a disabled lock, held by the
+    process whose shard owns the slide.)
     """
+    if not claim.held:
+        raise ValueError(f"{dest}: only the process holding the slide's claim may remove its temp files.")
     n = 0
     for p in stale_temp_files(dest):
         with contextlib.suppress(FileNotFoundError):

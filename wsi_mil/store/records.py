@@ -30,6 +30,9 @@ unreadable, when its header differs from the command's columns, or when the fold
 ``.records/manifest.merged`` stamp (written after every update: a folder last written by a wsi-mil
 that kept no markers, or whose stamp was removed). Without changes the update reads only the
 manifest's first line.
+
+Under ``--no-claims`` (no locks at all, ``locking=False``) every update is a full rebuild that deletes
+nothing, and it removes the stamp, so the next update with locks rebuilds in full too.
 """
 
 from __future__ import annotations
@@ -66,8 +69,10 @@ MERGED_STAMP = "manifest.merged"
 class RecordStore:
     """One JSON record per slide under ``<out>/.records``; ``manifest.csv`` is kept equal to them."""
 
-    def __init__(self, out_dir: Path, columns: Sequence[str]) -> None:
+    def __init__(self, out_dir: Path, columns: Sequence[str], *, locking: bool = True) -> None:
         self.out_dir = Path(out_dir)
+        #: False under ``--no-claims``: no folder locks; every manifest update is then a full rebuild
+        self.locking = locking
         self.dir = self.out_dir / ".records"
         self.changed_dir = self.dir / CHANGED_DIR
         self.columns = list(columns)
@@ -75,7 +80,7 @@ class RecordStore:
     def write(self, record: dict[str, Any]) -> None:
         """Write one slide's record (atomically), marking it for the next manifest update; O(1)."""
         slide_id = str(record["slide_id"])
-        with folder_lock(self.out_dir, MANIFEST_LOCK, shared=True):
+        with folder_lock(self.out_dir, MANIFEST_LOCK, shared=True, enabled=self.locking):
             self._mark(slide_id)
             atomic_write_json(self.dir / f"{slide_id}.json", record)
 
@@ -107,7 +112,7 @@ class RecordStore:
         """Bring ``<out>/<name>`` up to date with the records: merge the slides written since the last
         update (by any process), or rebuild it from every record when it cannot be trusted (see the module
         docstring). Only ``manifest.csv`` is kept incrementally; another ``name`` is always rebuilt."""
-        if name != MANIFEST:
+        if name != MANIFEST or not self.locking:
             return self.rebuild_manifest(name)
         with folder_lock(self.out_dir, MANIFEST_LOCK):
             changed = self._changed_ids()
@@ -132,6 +137,12 @@ class RecordStore:
 
     def rebuild_manifest(self, name: str = MANIFEST) -> Path:
         """Write ``<out>/<name>`` from every record (reads them all; the slow, always-correct path)."""
+        if not self.locking:
+            # --no-claims: another process may be writing a record or the manifest right now, so nothing is
+            # deleted (markers, temp records) and the stamp goes: the next locked update rebuilds in full
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / MERGED_STAMP).unlink()
+            return atomic_write_text(self.out_dir / name, self.manifest_text())
         with folder_lock(self.out_dir, MANIFEST_LOCK):
             if name != MANIFEST:
                 return atomic_write_text(self.out_dir / name, self.manifest_text())
