@@ -116,6 +116,21 @@ def wait_for(predicate: Any, timeout: float, proc: subprocess.Popen[str] | None 
     return False
 
 
+def group_members(pgid: int) -> list[str]:
+    """Processes of process group ``pgid`` still running (zombies left out), as ``pid (name)``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        head, rest = text.rsplit(")", 1)
+        fields = rest.split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(f"{stat.parent.name} ({head.split('(', 1)[1]})")
+    return found
+
+
 def temp_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(".tmp-*")) if folder.is_dir() else []
 

@@ -484,7 +484,7 @@ def _corrupt_tile_at(path: Path, x: int, y: int) -> None:
         fh.write(bytes(count - 40))
 
 
-@pytest.mark.parametrize("workers", [-1, 0])
+@pytest.mark.parametrize("workers", [-1, 0, 2])
 def test_a_corrupt_tile_fails_its_slide_or_is_skipped_on_request(tmp_path: Path, workers: int) -> None:
     # large enough that tissue detection and the QC picture read a coarser level than the broken one
     good = write_slide(tmp_path / "in" / "good.tif", seed=3, mpp=0.25, upscale=2)

@@ -27,6 +27,7 @@ from extract_helpers import (
     FAST_ARGS,
     assert_same_features,
     fast_config,
+    group_members,
     manifest,
     run_cli,
     signal_mid_slide,
@@ -123,6 +124,8 @@ def test_R12_interrupt_mid_slide_cleans_up_and_exits_130(
     try:
         current = signal_mid_slide(proc, out / "features", sig)
         proc.wait(timeout=60)  # the command itself must exit promptly
+        # and leaves no process behind: its tile-reading processes were stopped and joined before it exited
+        assert wait_for(lambda: not group_members(proc.pid), 10, poll=0.05), group_members(proc.pid)
     finally:
         _kill_session(proc)  # a loader process still exiting must not hold the output pipes open
     stdout, stderr = proc.communicate(timeout=30)

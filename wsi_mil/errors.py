@@ -26,6 +26,10 @@ class SlideReadError(SlideError, OSError):
     """Pixels could not be decoded from an opened slide (corrupt tile, I/O error)."""
 
 
+class ReaderProcessError(SlideReadError):
+    """A tile-reading process died while it read the slide (a crash in a decoder, the out-of-memory killer)."""
+
+
 class MissingMPPError(SlideError, ValueError):
     """The slide does not say its microns per pixel and no override was given."""
 

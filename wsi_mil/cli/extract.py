@@ -32,7 +32,7 @@ from wsi_mil.cli.common import (
 @device_option()
 @click.option("--devices", default=None, help="One extract process per device on this node, each with a disjoint part of the slides (and of --shard's) and its share of --workers: all (every visible GPU) or a list such as cuda:0,cuda:1 (an entry may repeat: cpu,cpu). Instead of --device.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward pass (default 8 on CPU, 128 on CUDA).")
-@click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N loader processes; default: a reading thread on CPU, up to 8 processes on CUDA.")
+@click.option("--workers", type=int, default=None, help="0: read tiles in series; N: N tile-reading processes for the whole run; default: a reading thread on CPU, up to 8 processes on CUDA.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: the encoder preset's default (`wsi-mil encoders --json`): bf16 where the hardware has it, else fp32; EfficientNet-Lite0 stays fp32 on CPU.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")

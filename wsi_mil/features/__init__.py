@@ -1,6 +1,6 @@
 """Feature extraction: the encoder presets (``presets``), building them (``architectures``, ``encoders``),
 their weights (``weights``, ``hub``), tile settings and preprocessing (``tile_settings``, ``transforms``),
-the tile stream (``stream``) and the device, precision and thread policy (``runtime``). The extraction
+the tile stream (``stream``), the tile-reading processes of a run (``reader_pool``) and the device, precision and thread policy (``runtime``). The extraction
 run itself is :mod:`wsi_mil.runs.extract`.
 
 Importing this package is cheap: torch and timm load on first use of an attribute below.

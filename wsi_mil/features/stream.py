@@ -2,8 +2,9 @@
 
 :class:`TileBatches` reads batches of tiles of one slide (rows of touching tiles in one read), opening
 its own slide handle in each process from a picklable :class:`TileSource`. The batches are read by a
-background thread (:class:`ThreadBatches`), by loader processes or in series (:func:`tile_loader`);
-:func:`model_batches` splits what was read together into the encoder's forward passes.
+background thread (:class:`ThreadBatches`), in series (:func:`series_batches`) or by the run's
+tile-reading processes (:mod:`wsi_mil.features.reader_pool`); :func:`model_batches` splits what was read
+together into the encoder's forward passes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,17 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
+from torch.utils.data import Dataset
 
 from wsi_mil.errors import SlideReadError
-from wsi_mil.slide import Slide, SlideLimits, open_slide
+from wsi_mil.slide import FileStamp, Slide, SlideLimits, open_slide
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TileSource:
-    """What a loader worker needs to open the slide itself (picklable; no handle crosses processes)."""
+    """What a tile-reading process needs to open the slide itself (picklable; no handle crosses processes)."""
 
     path: str
     backend: str
@@ -40,21 +42,26 @@ class TileSource:
     mpp: float
     tile_px: int
     skip_unreadable: bool
+    #: the file's stamp when this run opened and checked it: an unchanged file is not scanned again
+    verified_stamp: FileStamp | None = None
 
 
 class TileBatches(Dataset[dict[str, Any]]):
     """Batches of tiles: ``dataset[list_of_indices]`` -> uint8 ``[B, tile_px, tile_px, 3]`` and flags.
 
-    Each process (main or loader worker) opens its own slide handle on first use: OpenSlide
-    handles must not be shared across forked workers.
+    Each process (main or tile-reading worker) opens its own slide handle on first use: OpenSlide
+    handles must not be shared across forked workers. :meth:`read_tiles` reads tiles at any level-0
+    coords of the slide (the reading processes get each batch's coords with the batch).
     """
 
-    def __init__(self, source: TileSource, coords: np.ndarray) -> None:
+    def __init__(self, source: TileSource, coords: np.ndarray | None = None) -> None:
         self.source = source
-        self.coords = np.asarray(coords, dtype=np.int64)
+        self.coords = np.asarray(coords if coords is not None else np.empty((0, 2)), dtype=np.int64)
         self._slide: Slide | None = None
         self._pid = -1
         self._rows: tuple[int, int, int, bool] | None | bool = False  # not yet worked out
+        #: slide opens (:func:`open_slide`) so far; a handle reopened after a decode error is not one
+        self.n_opens = 0
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -67,12 +74,17 @@ class TileBatches(Dataset[dict[str, Any]]):
                 backend=s.backend,  # type: ignore[arg-type]
                 mpp=s.slide_mpp,
                 limits=SlideLimits(max_slide_px=s.max_slide_px, max_read_px=s.max_read_px),
+                verified=s.verified_stamp,
             )
             self._pid = os.getpid()
+            self.n_opens += 1
         return self._slide
 
     def read_tile(self, index: int) -> np.ndarray:
-        x, y = (int(v) for v in self.coords[index])
+        return self._read_at(self.coords[index])
+
+    def _read_at(self, xy: np.ndarray) -> np.ndarray:
+        x, y = (int(v) for v in xy)
         return self._handle().read_region_mpp(
             (x, y), (self.source.tile_px, self.source.tile_px), self.source.mpp
         )
@@ -99,15 +111,15 @@ class TileBatches(Dataset[dict[str, Any]]):
             self._rows = (level, src, round(width), exact) if whole else None
         return self._rows if self._rows is not False else None  # type: ignore[return-value]
 
-    def _read_row(self, run: list[int], out: np.ndarray) -> None:
-        """Tiles ``run`` (left to right on one row, footprints touching or overlapping) into ``out``:
+    def _read_row(self, coords: np.ndarray, run: list[int], out: np.ndarray) -> None:
+        """Tiles ``coords[run]`` (left to right on one row, footprints touching or overlapping) into ``out``:
         one read for the row, then one resize (integral scale) or one per tile."""
         level, src, _, exact = self.row_geometry()  # type: ignore[misc]
         slide = self._handle()
         downsample = round(slide.level_downsamples[level])
         px = self.source.tile_px
-        x0, y = (int(v) for v in self.coords[run[0]])
-        offsets = [(int(self.coords[i][0]) - x0) // downsample for i in run]
+        x0, y = (int(v) for v in coords[run[0]])
+        offsets = [(int(coords[i][0]) - x0) // downsample for i in run]
         region = slide.read_region((x0, y), level, (offsets[-1] + src, src))
         if exact and offsets == [k * src for k in range(len(run))]:
             if src != px:
@@ -118,19 +130,19 @@ class TileBatches(Dataset[dict[str, Any]]):
             crop = region[:, dx : dx + src]
             out[j] = crop if src == px else cv2.resize(crop, (px, px), interpolation=cv2.INTER_AREA)
 
-    def _runs(self, idx: list[int]) -> list[list[int]]:
-        """Consecutive indices on one row whose footprints touch or overlap (read together)."""
+    def _runs(self, coords: np.ndarray) -> list[list[int]]:
+        """Consecutive positions in ``coords`` on one row whose footprints touch or overlap (read together)."""
         geometry = self.row_geometry()
         if geometry is None:
-            return [[i] for i in idx]
+            return [[i] for i in range(len(coords))]
         downsample = round(self._handle().level_downsamples[geometry[0]])
         width = geometry[2]
         runs: list[list[int]] = []
-        for i in idx:
-            here = self.coords[i]
+        for i in range(len(coords)):
+            here = coords[i]
             if runs:
-                last = self.coords[runs[-1][-1]]
-                first = self.coords[runs[-1][0]]
+                last = coords[runs[-1][-1]]
+                first = coords[runs[-1][0]]
                 if (
                     here[1] == last[1]
                     and 0 < here[0] - last[0] <= width
@@ -144,30 +156,34 @@ class TileBatches(Dataset[dict[str, Any]]):
 
     def __getitem__(self, indices: Any) -> dict[str, Any]:  # type: ignore[override]
         idx = [int(i) for i in np.atleast_1d(np.asarray(indices, dtype=np.int64))]
+        tiles, ok = self.read_tiles(self.coords[idx])
+        return {"tiles": torch.from_numpy(tiles), "index": torch.as_tensor(idx), "ok": torch.from_numpy(ok)}
+
+    def read_tiles(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tiles at level-0 ``coords`` (in order): uint8 ``[n, tile_px, tile_px, 3]``, and which were read
+        (all, unless ``skip_unreadable`` left a corrupt one white)."""
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         px = self.source.tile_px
-        tiles = np.empty((len(idx), px, px, 3), dtype=np.uint8)
-        ok = np.ones(len(idx), dtype=bool)
-        j0 = 0
-        for run in self._runs(idx):
+        tiles = np.empty((len(coords), px, px, 3), dtype=np.uint8)
+        ok = np.ones(len(coords), dtype=bool)
+        for run in self._runs(coords):
             if len(run) > 1:
                 try:
-                    self._read_row(run, tiles[j0 : j0 + len(run)])
-                    j0 += len(run)
+                    self._read_row(coords, run, tiles[run[0] : run[-1] + 1])
                     continue
                 except SlideReadError:  # find the broken tile: read the row tile by tile
                     self._handle().reopen()
             for i in run:
-                self._read_one(i, j0, tiles, ok)
-                j0 += 1
-        return {"tiles": torch.from_numpy(tiles), "index": torch.as_tensor(idx), "ok": torch.from_numpy(ok)}
+                self._read_one(coords[i], i, tiles, ok)
+        return tiles, ok
 
-    def _read_one(self, i: int, j: int, tiles: np.ndarray, ok: np.ndarray) -> None:
+    def _read_one(self, xy: np.ndarray, j: int, tiles: np.ndarray, ok: np.ndarray) -> None:
         try:
-            tiles[j] = self.read_tile(i)
+            tiles[j] = self._read_at(xy)
         except SlideReadError:
             if not self.source.skip_unreadable:
                 raise
-            logger.warning("skipping unreadable tile at level-0 %s of %s", tuple(self.coords[i]), self.source.path)
+            logger.warning("skipping unreadable tile at level-0 %s of %s", tuple(int(v) for v in xy), self.source.path)
             ok[j] = False
             tiles[j] = 255
             # OpenSlide fails every later read after a decode error: a fresh handle recovers.
@@ -179,7 +195,7 @@ class TileBatches(Dataset[dict[str, Any]]):
             self._slide = None
 
 
-#: batches read ahead of the model (per reading thread or loader process)
+#: batches read ahead of the model (per reading thread or tile-reading process)
 PREFETCH_BATCHES = 3
 
 
@@ -278,34 +294,7 @@ def model_batches(n: int, batch_size: int) -> list[int]:
     return [batch_size] * full + [1 << b for b in range(rest.bit_length() - 1, -1, -1) if rest & (1 << b)]
 
 
-def tile_loader(
-    dataset: TileBatches, n_workers: int, batch_size: int, pin: bool
-) -> Iterable[dict[str, Any]]:
-    """The batches of ``dataset``, ``batch_size`` tiles each, read in this thread (``n_workers=0``) or
-    by ``n_workers`` loader processes (a :class:`~torch.utils.data.DataLoader`, pinned with ``pin``)."""
-    if n_workers == 0:
-        return (dataset[idx] for idx in read_batches(len(dataset), batch_size))
-    sampler = BatchSampler(SequentialSampler(range(len(dataset))), batch_size=batch_size, drop_last=False)
-    return DataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=None,
-        num_workers=n_workers,
-        pin_memory=pin,
-        prefetch_factor=PREFETCH_BATCHES,
-        persistent_workers=False,
-        # Never fork a process that runs torch threads (and maybe a reading thread): a forked
-        # child can inherit a held lock and hang. forkserver starts workers from a clean process.
-        multiprocessing_context=_loader_context(),
-    )
-
-
-def _loader_context() -> Any:
-    """The ``forkserver`` context for loader processes, its server preloading this module (torch and
-    the slide readers): each worker is then forked from a clean, single-threaded process that has
-    imported them once, instead of importing them again for every slide (seconds per worker)."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])  # no effect once the server runs; it preloaded already
-    return ctx
+def series_batches(dataset: TileBatches, batch_size: int) -> Iterator[dict[str, Any]]:
+    """The batches of ``dataset``, ``batch_size`` tiles each, read in this thread when asked for."""
+    for idx in read_batches(len(dataset), batch_size):
+        yield dataset[idx]

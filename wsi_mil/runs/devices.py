@@ -45,7 +45,13 @@ from typing import Any
 from wsi_mil import errors
 from wsi_mil.config import ExtractConfig
 from wsi_mil.errors import ConfigError, WsiMilError
-from wsi_mil.runs.slide_loop import BatchSummary, check_unique_ids, run_file_name, select_shard
+from wsi_mil.runs.slide_loop import (
+    BatchSummary,
+    check_unique_ids,
+    run_file_name,
+    select_shard,
+    sigterm_as_interrupt,
+)
 from wsi_mil.store import RecordStore, atomic_write_json, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
@@ -212,7 +218,7 @@ def _run_children(children: list[_Child], progress: bool | None, n_slides: int) 
     bar = progress_bar(total=n_slides, desc="slides", unit="slide", enable=progress)
     interrupted = False
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt(keep_handler=False, ignore_sigxfsz=False):
             try:
                 for child in children:
                     reader, writer = ctx.Pipe(duplex=False)
@@ -380,23 +386,6 @@ def _write_run_file(
         )
     except OSError as exc:
         logger.error("could not write %s: %s", name, exc)
-
-
-class _sigterm_as_interrupt:
-    """SIGTERM (docker stop, Slurm) stops the parent like Ctrl-C, so that it stops its processes in turn."""
-
-    def __enter__(self) -> None:
-        self._old: Any = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --- one process ---------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ Per slide: open it (TIFF/SVS through tiffslide where it decodes exactly as OpenS
 faster), find tissue and write the QC files, lay the tile grid, then read tiles at the target µm/px
 in batches while the main thread runs the encoder under ``torch.inference_mode()`` and autocast, and
 stream features and level-0 coords into a temp HDF5 file that is marked complete and moved into place
-at the end. Tiles are read by a background thread on CPU (``workers=-1``), by loader processes that
-each open their own slide handle (``workers=N``; the default on CUDA), or in series (``workers=0``).
-While one slide is encoded, the next one (its lock already taken) is prepared and, with the reading
-thread, its first batches are read, so slide boundaries leave the model idle as little as possible.
-Nothing of a slide outlives it: readers, loader processes and handles are closed after it.
+at the end. Tiles are read by a background thread on CPU (``workers=-1``), by tile-reading processes
+started once for the whole run that move from slide to slide (``workers=N``, the default on CUDA:
+:mod:`wsi_mil.features.reader_pool`), or in series (``workers=0``). While one slide is encoded, the next
+one (its lock already taken) is prepared and its first batches are read (by the reading thread, or by the
+processes as soon as they are done with the current slide), so slide boundaries leave the model idle as
+little as possible; each slide's record says for how long (``gap_s``). Nothing of a slide outlives it:
+its reader and handles are closed after it, and the reading processes are stopped at the end of the run.
 
 The tile stream is :mod:`wsi_mil.features.stream`, the device, precision and thread policy
 :mod:`wsi_mil.features.runtime`. This is one module, over 400 lines, because a slide's preparation, its
@@ -22,12 +24,11 @@ import contextlib
 import json
 import logging
 import platform
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from wsi_mil.config import (
     write_config,
 )
 from wsi_mil.errors import ConfigError, OutputConflictError
+from wsi_mil.features.reader_pool import ReaderPool, SlideBatches
 from wsi_mil.features.runtime import (
     Precision,
     autocast_context,
@@ -63,10 +65,10 @@ from wsi_mil.features.stream import (
     model_batches,
     read_batch_size,
     read_batches,
-    tile_loader,
+    series_batches,
 )
 from wsi_mil.runs.prepare import SlideOpener, prepare_slide
-from wsi_mil.runs.slide_loop import BatchSummary, run_batch
+from wsi_mil.runs.slide_loop import BatchSummary, run_batch, sigterm_as_interrupt
 from wsi_mil.slide import choose_reader, reader_versions
 from wsi_mil.store import atomic_write_json, ensure_writable_dir, folder_lock
 from wsi_mil.store.bag_file import BagWriter, bag_is_complete
@@ -89,6 +91,7 @@ EXTRACT_COLUMNS = (
     "read_s",
     "model_s",
     "prepare_s",
+    "gap_s",
     "slide_mpp",
     "mpp",
     "footprint_px",
@@ -106,12 +109,20 @@ class _Prepared:
     coords: np.ndarray
     attrs: dict[str, Any]
     prepare_s: float
-    stream: ThreadBatches | None = None
+    stream: ThreadBatches | SlideBatches | None = None
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+
+
+@dataclass
+class _ModelClock:
+    """When the model last finished a batch (``perf_counter``), and the idle gaps before each slide's first."""
+
+    free_at: float | None = None
+    gaps_s: list[float] = field(default_factory=list)
 
 
 # --- the run --------------------------------------------------------------------------------------------
@@ -264,9 +275,20 @@ def run_extract(
             features_dir / f"{path.stem}.h5", chash, require={"weights_sha256": identity["weights_sha256"]}
         )
 
+    pools: list[ReaderPool] = []  # the run's tile-reading processes, started with the first slide prepared
+    pool_lock = threading.Lock()
+
+    def reader_pool() -> ReaderPool:
+        with pool_lock:
+            if not pools:
+                pools.append(ReaderPool(n_workers, pin=device.type == "cuda"))
+            return pools[0]
+
     def prepare(path: Path) -> _Prepared:
-        """Open the slide, find tissue (QC files), lay the grid, choose the tile reader; in thread mode start reading."""
+        """Open the slide, find tissue (QC files), lay the grid, choose the tile reader, queue its reads (not in series)."""
         t_start = time.perf_counter()
+        if loader_mode == "processes":
+            reader_pool()  # the processes start while this slide is prepared
         with contextlib.ExitStack() as stack:
             opened = stack.enter_context(opener.open(path))
             slide = choose_reader(opened, cfg.slide.backend)
@@ -286,6 +308,7 @@ def run_extract(
                 mpp=grid.mpp,
                 tile_px=grid.tile_px,
                 skip_unreadable=cfg.skip_unreadable_tiles,
+                verified_stamp=slide.file_stamp,  # checked just now: readers need not scan the file again
             )
             attrs: dict[str, Any] = {
                 "slide_id": slide.slide_id,
@@ -315,15 +338,15 @@ def run_extract(
             }
         # The slide handle used here is closed: tiles are read through handles of their own.
         ready = _Prepared(source=source, coords=grid.coords, attrs=attrs, prepare_s=time.perf_counter() - t_start)
+        batches = read_batches(len(grid.coords), read_batch_size(cfg.batch_size))
         if loader_mode == "thread":
-            ready.stream = ThreadBatches(
-                TileBatches(source, grid.coords), read_batches(len(grid.coords), read_batch_size(cfg.batch_size)),
-                pin=device.type == "cuda",
-            )
+            ready.stream = ThreadBatches(TileBatches(source, grid.coords), batches, pin=device.type == "cuda")
+        elif loader_mode == "processes":  # queued behind the slide being encoded
+            ready.stream = reader_pool().submit(source, grid.coords, batches)
         return ready
 
     # Work for the next slide (its lock already held) overlaps the current one: opening, tissue, QC
-    # and, with a reading thread, its first batches of tiles.
+    # and its first batches of tiles (unless tiles are read in series).
     ahead: dict[str, Future[_Prepared]] = {}
     executor = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-mil-prepare")
@@ -341,6 +364,8 @@ def run_extract(
             with contextlib.suppress(Exception):
                 future.result().close()
 
+    clock = _ModelClock()
+
     def process(path: Path) -> dict[str, Any]:
         t_start = time.perf_counter()
         future = ahead.pop(path.stem, None)
@@ -354,9 +379,8 @@ def run_extract(
                 raise
         try:
             stats = _encode_slide(
-                ready, features_dir / f"{path.stem}.h5", encoder, model, precision, device, cfg, loader_mode,
-                n_workers, progress,
-            )  # fmt: skip
+                ready, features_dir / f"{path.stem}.h5", encoder, model, precision, device, cfg, clock, progress
+            )
         finally:
             ready.close()
         seconds = time.perf_counter() - t_start
@@ -370,6 +394,7 @@ def run_extract(
             "read_s": round(stats["read_s"], 3),
             "model_s": round(stats["model_s"], 3),
             "prepare_s": round(ready.prepare_s, 3),
+            "gap_s": None if stats["gap_s"] is None else round(stats["gap_s"], 4),
             "slide_mpp": attrs["slide_mpp"],
             "mpp": attrs["mpp"],
             "footprint_px": attrs["footprint_px"],
@@ -384,8 +409,9 @@ def run_extract(
     t0 = time.perf_counter()
     n_threads = resolve_threads(threads) if device.type == "cpu" else None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_sigterm_as_interrupt())
+        stack.enter_context(sigterm_as_interrupt())
         stack.enter_context(torch_threads(n_threads))
+        stack.callback(_close_pools, pools)  # after the look-ahead stops (callbacks run last-in first-out)
         if executor is not None:
             stack.callback(_shutdown, executor, ahead)
         summary = run_batch(
@@ -414,6 +440,12 @@ def run_extract(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     totals["tiles_per_s"] = round(float(totals["tiles"]) / max(float(totals["seconds"]), 1e-9), 2)
+    if clock.gaps_s:  # the model's idle time between one slide's last batch and the next slide's first
+        gaps = np.asarray(clock.gaps_s)
+        totals["slide_gap_s"] = {
+            "n": len(gaps), "median": round(float(np.median(gaps)), 4), "p95": round(float(np.percentile(gaps, 95)), 4),
+            "max": round(float(gaps.max()), 4), "sum": round(float(gaps.sum()), 3),
+        }  # fmt: skip
     run_name = run_file_name(shard, part)
     try:
         atomic_write_json(
@@ -465,6 +497,11 @@ def _close_prepared(future: Future[_Prepared]) -> None:
         future.result().close()
 
 
+def _close_pools(pools: list[ReaderPool]) -> None:
+    for pool in pools:
+        pool.close()
+
+
 def _shutdown(executor: ThreadPoolExecutor, ahead: dict[str, Future[_Prepared]]) -> None:
     """Stop preparing slides ahead and close whatever was prepared but not used."""
     executor.shutdown(wait=True, cancel_futures=True)
@@ -481,10 +518,10 @@ def _encode_slide(
     precision: Precision,
     device: torch.device,
     cfg: ExtractConfig,
-    loader_mode: str,
-    n_workers: int,
+    clock: _ModelClock,
     progress: bool | None,
 ) -> dict[str, Any]:
+    """Encode a prepared slide into ``dest``; ``clock``: when the model last finished a batch, and the gaps."""
     from wsi_mil.progress import progress_bar
 
     coords = ready.coords
@@ -494,9 +531,10 @@ def _encode_slide(
         loader = ready.stream
     else:
         dataset = TileBatches(ready.source, coords)
-        workers = n_workers if loader_mode == "processes" else 0
-        loader = tile_loader(dataset, workers, read_batch_size(cfg.batch_size), pin=device.type == "cuda")
+        loader = series_batches(dataset, read_batch_size(cfg.batch_size))
     read_s = model_s = 0.0
+    gap_s: float | None = None  # None for the run's first slide: no boundary before it
+    first = True
     n_skipped = 0
     bar = progress_bar(total=len(coords), desc=Path(ready.source.path).name, unit="tile", enable=progress)
     try:
@@ -507,6 +545,10 @@ def _encode_slide(
             for batch in loader:
                 t_got = time.perf_counter()
                 read_s += t_got - t_wait
+                if first and clock.free_at is not None:
+                    gap_s = t_got - clock.free_at
+                    clock.gaps_s.append(gap_s)
+                first = False
                 ok = batch["ok"].numpy()
                 tiles = batch["tiles"]
                 parts = []
@@ -517,7 +559,7 @@ def _encode_slide(
                         parts.append(model(x).float())
                         start += size
                 feats_np = torch.cat(parts).cpu().numpy()  # synchronises: honest model time
-                t_done = time.perf_counter()
+                t_done = clock.free_at = time.perf_counter()
                 model_s += t_done - t_got
                 index = batch["index"].numpy()
                 if not ok.all():
@@ -536,31 +578,8 @@ def _encode_slide(
         "n_skipped": n_skipped,
         "read_s": read_s,
         "model_s": model_s,
+        "gap_s": gap_s,
     }
-
-
-class _sigterm_as_interrupt:
-    """Treat SIGTERM (docker stop, Slurm pre-emption) like Ctrl-C so temp files are cleaned up.
-
-    Also ignores SIGXFSZ so that a file-size limit gives an error we can report instead of killing
-    the process. A SIGTERM handler the program already set (a process of ``extract --devices``) is kept.
-    """
-
-    def __enter__(self) -> None:
-        self._old: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
-        self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def describe_output(out_dir: Path) -> str:

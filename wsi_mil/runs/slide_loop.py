@@ -13,6 +13,8 @@ import glob
 import hashlib
 import logging
 import os
+import signal
+import threading
 import time
 import traceback
 from collections import Counter
@@ -369,3 +371,35 @@ def run_batch(
             except OSError as exc:  # the disk may be full, or refuse the folder lock; the records are safe
                 logger.error("could not write the manifest: %s", exc)
     return summary
+
+
+class sigterm_as_interrupt:
+    """Treat SIGTERM (docker stop, Slurm pre-emption) like Ctrl-C, so temp files are cleaned up and the
+    slide is recorded ``interrupted`` (in the main thread only; elsewhere nothing changes).
+
+    ``keep_handler``: keep a SIGTERM handler the program already set (a process of ``extract --devices``
+    has its own). ``ignore_sigxfsz``: ignore SIGXFSZ, so that a file-size limit gives an error the batch can
+    report (R14) instead of killing the process.
+    """
+
+    def __init__(self, *, keep_handler: bool = True, ignore_sigxfsz: bool = True) -> None:
+        self.keep_handler = keep_handler
+        self.ignore_sigxfsz = ignore_sigxfsz
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> None:
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if not self.keep_handler or signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_interrupt)
+        if self.ignore_sigxfsz:
+            self._old[signal.SIGXFSZ] = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

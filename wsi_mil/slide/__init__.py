@@ -16,7 +16,7 @@ from wsi_mil.slide.base import (
     Slide,
     SlideLimits,
 )
-from wsi_mil.slide.identity import SlideFingerprint, fingerprint_file
+from wsi_mil.slide.identity import FileStamp, SlideFingerprint, fingerprint_file
 from wsi_mil.slide.mpp import MPP_RANGE, MPP_REMEDY, check_mpp, load_mpp_overrides, mpp_from_properties
 from wsi_mil.slide.readers import (
     SLIDE_SUFFIXES,
@@ -37,6 +37,7 @@ __all__ = [
     "MPP_REMEDY",
     "SLIDE_SUFFIXES",
     "Backend",
+    "FileStamp",
     "OpenSlideSlide",
     "Slide",
     "SlideFingerprint",

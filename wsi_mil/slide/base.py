@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from wsi_mil.errors import MissingMPPError, SlideOpenError, SlideReadError, SlideTooLargeError
-from wsi_mil.slide.identity import SlideFingerprint, fingerprint_file
+from wsi_mil.slide.identity import FileStamp, SlideFingerprint, fingerprint_file
 from wsi_mil.slide.mpp import MPP_REMEDY, check_mpp, mpp_from_properties
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class Slide(ABC):
     """
 
     backend_name: str = ""
+    #: the file's identity when :func:`~wsi_mil.slide.readers.open_slide` opened (and checked) it
+    file_stamp: FileStamp | None = None
 
     def __init__(self, path: Path, *, mpp: float | None = None, limits: SlideLimits | None = None) -> None:
         self.path = Path(path)

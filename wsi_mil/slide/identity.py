@@ -9,6 +9,9 @@ whose tiles still fit).
 The fingerprint is the slide's level-0 size, its µm/px, the file size and the SHA-256 of the file's first
 and last MiB (header and tail: the tile offsets and the last tiles). It costs two 1 MiB reads, not a
 hash of a multi-GB file; files that differ only in the middle MiBs (an edited tile) compare equal.
+
+Within one run a cheaper identity suffices: :class:`FileStamp` (size, modification time, inode and device
+from one ``stat``) tells a process that a file is still the one another process of the run checked.
 """
 
 from __future__ import annotations
@@ -18,12 +21,26 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["HEAD_TAIL_BYTES", "SlideFingerprint", "fingerprint_file"]
+__all__ = ["HEAD_TAIL_BYTES", "FileStamp", "SlideFingerprint", "fingerprint_file"]
 
 HEAD_TAIL_BYTES = 1 << 20
 _MPP_REL_TOL = 1e-6
+
+
+class FileStamp(NamedTuple):
+    """A file's identity from one ``stat``: equal stamps mean the file was neither rewritten nor replaced
+    (a copy or ``mv`` over it changes the modification time or the inode)."""
+
+    size_bytes: int
+    mtime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(int(st.st_size), int(st.st_mtime_ns), int(st.st_ino), int(st.st_dev))
 
 
 def _head_tail_sha256(path: Path, size: int) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from wsi_mil.errors import InputError, SlideOpenError
 from wsi_mil.slide.base import Slide, SlideLimits
+from wsi_mil.slide.identity import FileStamp
 
 logger = logging.getLogger(__name__)
 
@@ -120,24 +121,40 @@ def open_slide(
     backend: Backend = "auto",
     mpp: float | None = None,
     limits: SlideLimits | None = None,
+    *,
+    verified: FileStamp | None = None,
 ) -> Slide:
     """Open a slide with OpenSlide (``auto`` falls back to tiffslide for formats OpenSlide does not know).
 
     Raises :class:`SlideOpenError` for missing, empty, non-slide or truncated files,
     :class:`SlideTooLargeError` when the header claims more pixels than the budget,
     :class:`MissingMPPError` / :class:`InvalidMPPError` for unusable resolution metadata.
+
+    The TIFF integrity scan (:func:`check_tiff_integrity`, a walk over every image directory) is skipped
+    when ``verified`` is the :attr:`Slide.file_stamp` of an earlier open of the same file in this run and
+    the file's stamp now is still that one; otherwise it runs. The returned slide's ``file_stamp`` is the
+    stamp taken before the scan (a file changed during the scan gets another stamp, so is scanned again).
     """
     p = Path(path)
     if not p.exists():
         raise SlideOpenError(f"Slide file {p} does not exist. Check the path (and the mount, in Docker).")
     if not p.is_file():
         raise SlideOpenError(f"{p} is not a file.")
-    size = p.stat().st_size
-    if size == 0:
+    stamp = FileStamp.of(p.stat())
+    if stamp.size_bytes == 0:
         raise SlideOpenError(f"Slide file {p} is empty (0 bytes): the copy or download did not finish. Copy it again.")
     if backend not in ("auto", "openslide", "tiffslide"):
         raise InputError(f"Unknown slide backend {backend!r}; use auto, openslide or tiffslide.")
-    check_tiff_integrity(p)
+    if verified is not None and FileStamp(*verified) == stamp:
+        logger.debug("%s: unchanged since it was checked in this run; integrity scan skipped", p)
+    else:
+        check_tiff_integrity(p)
+    slide = _open_backend(p, backend, mpp, limits)
+    slide.file_stamp = stamp
+    return slide
+
+
+def _open_backend(p: Path, backend: Backend, mpp: float | None, limits: SlideLimits | None) -> Slide:
     if backend in ("auto", "openslide"):
         try:
             return OpenSlideSlide(p, mpp=mpp, limits=limits)
@@ -177,7 +194,7 @@ def choose_reader(slide: Slide, requested: str) -> Slide:
     if requested != "auto" or slide.backend_name == "tiffslide" or slide.path.suffix.lower() not in _TIFFSLIDE_SUFFIXES:
         return slide
     try:
-        other = open_slide(slide.path, backend="tiffslide", mpp=slide.mpp, limits=slide.limits)
+        other = open_slide(slide.path, backend="tiffslide", mpp=slide.mpp, limits=slide.limits, verified=slide.file_stamp)
     except Exception as exc:  # any refusal means: keep the slide's own reader
         logger.debug("%s: tiffslide cannot read it (%s); OpenSlide reads it", slide.slide_id, exc)
         return slide
