@@ -145,10 +145,10 @@ def lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_classe
     import timm
 
     with torch.device("meta"):
-        model = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
+        model: nn.Module = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
     converted = convert_efficientnet_lite0_state_dict(sd, model.state_dict(), source=source)
     if num_classes == 0:
-        model.reset_classifier(0)
+        model.reset_classifier(0)  # type: ignore[operator]  # timm's EfficientNet method
     load_checked_state_dict(
         model, converted, ignore_prefixes=("classifier.",), source=source, name="tf_efficientnet_lite0"
     )
