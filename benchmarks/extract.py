@@ -17,8 +17,14 @@ batch size and torch threads:
 3. resident memory after the first and after the last slide of a 50-slide run (the manifest's
    ``rss_mb`` / ``peak_rss_mb`` columns).
 
+4. ``--many-small``: 200 slides of about 60 tiles each in the CPU default and with tile-reading worker
+   processes (``--workers 2``, as on a GPU node): end to end / encoder alone, the slide-boundary gap
+   (median, p95) and resident memory after slide 10 vs the last (``benchmarks/_many_small.py``).
+
     HF_HUB_OFFLINE=1 python benchmarks/extract.py --out benchmarks/results/extract.txt
     python benchmarks/extract.py --variants   # also: loader in series (0 workers), 1 torch thread...
+    python benchmarks/extract.py --many-small --out benchmarks/results/extract_many_small.txt
+    python benchmarks/extract.py --many-small --slides 10   # a smoke run
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time the encoder alone at this batch size (the issue's and CLAM's 32); 0: no")
     p.add_argument("--rss-slides", type=int, default=50)
     p.add_argument("--variants", action="store_true", help="also time pipeline variants (investigation)")
+    p.add_argument("--many-small", action="store_true", help="only the many-small-slides benchmark (see 4.)")
+    p.add_argument("--slides", type=int, default=200, help="--many-small: slides in the stream")
+    p.add_argument("--scale", type=float, default=0.65, help="--many-small: sample-slide scale (0.65: about 60 tiles)")
+    p.add_argument("--device", default="cpu", help="--many-small: cpu or cuda")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child-encoder", default="", help=argparse.SUPPRESS)  # internal: one encoder-alone run
     return p.parse_args(argv)
@@ -194,6 +204,23 @@ def main(argv: list[str] | None = None) -> None:
         _encoder_alone(args)
         return
     args.work.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    if args.many_small:
+        from _many_small import many_small
+
+        load0 = os.getloadavg()[0]
+        many_small(args, say)
+        say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, load average "
+            f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (other processes skew every figure)")  # fmt: skip
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     slides_dir = args.cohort / "slides"
     if not slides_dir.is_dir():
         r = subprocess.run([str(Path(sys.executable).parent / "wsi-mil"), "-q", "sample-data", str(args.cohort)],
@@ -201,12 +228,6 @@ def main(argv: list[str] | None = None) -> None:
         if r.returncode != 0:
             raise SystemExit(r.stderr)
     slides = sorted(p for p in slides_dir.iterdir() if p.suffix in (".svs", ".tif"))
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
     load0 = os.getloadavg()
     say(f"wsi-mil extract benchmark: {args.encoder} (random init), batch {args.batch_size}, {args.threads} torch threads, "
         f"{len(slides)} sample-cohort slides, 256 px tiles at 0.5 µm/px")  # fmt: skip

@@ -88,7 +88,9 @@ def _ignored(path: str) -> bool:
 def test_pip_installs_use_the_constraints_and_pins_agree() -> None:
     ins = _instructions()
     runs = " ".join(a for w, a in ins if w == "RUN")
-    assert "-c constraints.txt" in runs and "--no-deps -r requirements-data.txt" in runs
+    # constraints.txt as it is (TORCH_CUDA=pypi), or without its CUDA 13.0 library pins (another line)
+    assert "cp constraints.txt /tmp/constraints.txt" in runs and "constraints.txt > /tmp/constraints.txt" in runs
+    assert runs.count("-c /tmp/constraints.txt") == 2 and "--no-deps -r requirements-data.txt" in runs
     constraints = dict(
         ln.split("==", 1) for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln
     )
@@ -135,3 +137,49 @@ def test_env_weights_apply_unless_a_flag_or_config_sets_them(tmp_path: Path, mon
     monkeypatch.setenv("WSI_MIL_WEIGHTS", "")
     monkeypatch.delenv("WSI_MIL_ENCODER")
     assert encoder_from_env(None, None, None) == (None, None)
+
+
+def _arg_defaults() -> dict[str, str]:
+    return {k: v for w, a in _instructions() if w == "ARG" and "=" in a for k, v in [a.split("=", 1)]}
+
+
+def _cuda_rows(path: Path) -> dict[str, tuple[str, str, str]]:
+    """CUDA line -> (CUDA_VERSION, TORCH_CUDA, minimum driver) from a README's CUDA table."""
+    rows = {}
+    for m in re.finditer(r"^\| \**(\d+\.\d+)( \(default\))?\**[^|]*\| `([\d.]+)` \| `(\w+)`[^|]*\| >= ([\d.]+) \|", path.read_text(encoding="utf-8"), re.M):
+        rows[m.group(1) + (" default" if m.group(2) else "")] = (m.group(3), m.group(4), m.group(5))
+    return rows
+
+
+def test_cuda_line_is_a_build_argument_whose_default_both_readmes_state() -> None:
+    ins = _instructions()
+    defaults = _arg_defaults()
+    first_from = next(i for i, (w, _) in enumerate(ins) if w == "FROM")
+    last_from = max(i for i, (w, _) in enumerate(ins) if w == "FROM")
+    # declared before the FROM lines (so FROM can use it) and again in the image stage (so RUN sees it)
+    assert any(w == "ARG" and a.startswith("CUDA_VERSION=") for w, a in ins[:first_from])
+    assert any(w == "ARG" and a == "CUDA_VERSION" for w, a in ins[last_from:])
+    assert ins[last_from][1] == "nvidia/cuda:${CUDA_VERSION}-cudnn-runtime-ubuntu24.04"
+    cuda, torch_cuda = defaults["CUDA_VERSION"], defaults["TORCH_CUDA"]
+    major, minor = cuda.split(".")[:2]
+    assert torch_cuda == f"cu{major}{minor}", "the default torch build must be the default image's CUDA line"
+    runs = " ".join(a for w, a in ins if w == "RUN")
+    assert 'download.pytorch.org/whl/${TORCH_CUDA}' in runs and "torch.version.cuda == want" in runs
+    for readme in (ROOT / "docker" / "README.md", ROOT / "README.md"):
+        rows = _cuda_rows(readme)
+        (default,) = [k for k in rows if k.endswith("default")]
+        assert default == f"{major}.{minor} default" and rows[default][:2] == (cuda, torch_cuda), readme
+        for line, (version, build, driver) in rows.items():
+            assert version.startswith(line.split()[0] + ".") and build in (f"cu{version.replace('.', '')[:3]}",), line
+            assert int(driver.split(".")[0]) >= (580 if version.startswith("13.") else 525), line
+        assert {r.split()[0] for r in rows} >= {"12.8", "13.0"}, readme
+
+
+def test_other_lines_drop_only_the_cuda_13_library_pins() -> None:
+    # what `grep -vE '^(nvidia-|cuda-)' constraints.txt` keeps for a non-PyPI torch build
+    lines = [ln for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln]
+    kept = [ln for ln in lines if not re.match(r"^(nvidia-|cuda-)", ln)]
+    dropped = sorted(set(lines) - set(kept))
+    assert any(ln.startswith(("torch==", "torchvision==", "triton==")) for ln in kept)
+    assert dropped and all(ln.split("==")[0].startswith(("nvidia-", "cuda-")) for ln in dropped)
+    assert {ln.split("==")[0] for ln in kept} >= {"torch", "torchvision", "numpy", "timm"}

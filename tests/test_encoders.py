@@ -410,3 +410,49 @@ def test_state_dict_normalisation() -> None:
     from wsi_mil.features.presets import get_preset
 
     assert pickle.loads(pickle.dumps(get_preset("uni").preprocessing)) == get_preset("uni").preprocessing
+
+
+def test_lite0_is_built_once_without_random_initialisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up does no work twice: one model, built on the meta device, given the package's tensors."""
+    import timm
+
+    built: list[str] = []
+    real = timm.create_model
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model = real(*args, **kwargs)
+        built.append(next(model.parameters()).device.type)
+        return model
+
+    monkeypatch.setattr(timm, "create_model", counting)
+    enc = create_encoder("tf_efficientnet_lite0")
+    assert built == ["meta"]
+    assert not any(t.is_meta for t in enc.model.state_dict().values())
+    full = load_efficientnet_lite0(1000)  # the ImageNet model (its test above) on the same tensors
+    with torch.inference_mode():
+        x = enc.transform(_tiles(1))
+        assert torch.equal(enc.model(x), full.forward_head(full.forward_features(x), pre_logits=True))
+
+
+def test_the_weight_file_is_hashed_in_a_thread_of_its_own(tmp_path: Path) -> None:
+    import hashlib
+    import threading
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(os.urandom(3 << 20))
+    seen: list[str] = []
+    real = w_mod._sha256_cached.__wrapped__
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        seen.append(threading.current_thread().name)
+        return real(*args)
+
+    w_mod._sha256_cached.cache_clear()
+    orig = w_mod._sha256_cached
+    w_mod._sha256_cached = spy  # type: ignore[assignment]
+    try:
+        digest = w_mod.sha256_file_soon(path).result(timeout=60)
+    finally:
+        w_mod._sha256_cached = orig
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert seen and seen[0].startswith("wsi-mil-sha256")

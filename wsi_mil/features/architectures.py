@@ -137,14 +137,18 @@ def load_efficientnet_lite0(num_classes: int = 1000) -> nn.Module:
 
 
 def lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_classes: int) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` holding the lukemelas-layout weights ``sd``.
+
+    Built on the meta device (the names and shapes the conversion needs, no memory, no random
+    initialisation), then given the file's tensors: one model built, none initialised.
+    """
     import timm
 
-    full = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
-    converted = convert_efficientnet_lite0_state_dict(sd, full.state_dict(), source=source)
-    if num_classes == 1000:
-        full.load_state_dict(converted, strict=True)
-        return freeze(full)
-    model = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False, num_classes=0)
+    with torch.device("meta"):
+        model: nn.Module = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
+    converted = convert_efficientnet_lite0_state_dict(sd, model.state_dict(), source=source)
+    if num_classes == 0:
+        model.reset_classifier(0)  # type: ignore[operator]  # timm's EfficientNet method
     load_checked_state_dict(
         model, converted, ignore_prefixes=("classifier.",), source=source, name="tf_efficientnet_lite0"
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from wsi_mil.features.weights import (
     is_lukemelas_efficientnet,
     load_checked_state_dict,
     load_state_dict_file,
-    sha256_file,
+    sha256_file_soon,
     weight_file_in,
 )
 
@@ -271,21 +272,25 @@ def _create_preset(
 ) -> Encoder:
     src = preset.weights
     sd: dict[str, torch.Tensor] | None = None
+    sha = RANDOM_WEIGHTS
+    hashing: Future[str] | None = None  # the weight file's SHA-256, computed while it loads and the model builds
     if weights is not None:
         path = _weight_file(weights, src.files or WEIGHT_FILE_NAMES)
+        hashing = sha256_file_soon(path)
         sd = load_state_dict_file(path)  # fails fast (missing / unsafe) before building anything
-        source, sha = str(path), sha256_file(path)
+        source = str(path)
     elif random_init:
-        source = sha = RANDOM_WEIGHTS
+        source = RANDOM_WEIGHTS
     elif src.kind == "package":
         path = efficientnet_lite0_package_file()
+        hashing = sha256_file_soon(path)
         sd = load_state_dict_file(path)
-        source, sha = f"package:{EFFICIENTNET_LITE0_PACKAGE}", sha256_file(path)
+        source = f"package:{EFFICIENTNET_LITE0_PACKAGE}"
     else:  # the hub or a release URL: gated / offline / unreachable fail here, before any model is built
         fetched = resolve_preset_weights(preset)
+        hashing = sha256_file_soon(fetched.path)
         sd = load_state_dict_file(fetched.path)
         source = f"{'url' if src.kind == 'url' else 'hub'}:{fetched.tag}"
-        sha = sha256_file(fetched.path)
 
     model: nn.Module
     if sd is not None and src.layout == "lukemelas" and is_lukemelas_efficientnet(sd):
@@ -301,6 +306,8 @@ def _create_preset(
             load_checked_state_dict(trunk, converted, ignore_prefixes=ignore, source=source, name=preset.name)
         model = attach_pooling(preset, trunk)
     model = freeze(model).to(dev)
+    if hashing is not None:
+        sha = hashing.result()
     dim = feature_dim(model)
     if dim != preset.feature_dim:  # pragma: no cover - a wrong preset record
         raise ConfigError(f"preset {preset.name!r} says {preset.feature_dim}-d, its model gives {dim}-d")
@@ -328,8 +335,10 @@ def _create_timm_id(
     hub_tag: str | None = None
     weight_file: Path | None = None
     sd: dict[str, torch.Tensor] | None = None
+    hashing: Future[str] | None = None  # the weight file's SHA-256, computed while the model builds
     if weights is not None:
         weight_file = _weight_file(weights, WEIGHT_FILE_NAMES)
+        hashing = sha256_file_soon(weight_file)
         sd = load_state_dict_file(weight_file)  # fails fast (missing / unsafe) before building anything
     hub_file: Path | None = None
     if name.startswith(HF_HUB_PREFIX):
@@ -342,17 +351,19 @@ def _create_timm_id(
         hub_file, hub_tag = hub.path, hub.tag
 
     model: nn.Module
-    if weight_file is not None and sd is not None:
-        source, sha = str(weight_file), sha256_file(weight_file)
+    if weight_file is not None and sd is not None and hashing is not None:
         model = _create_timm(timm_name, {**kwargs, "pretrained": False})
         ignore = _classifier_prefixes(model) if kwargs["num_classes"] == 0 else ()
+        source = str(weight_file)
         load_checked_state_dict(model, sd, ignore_prefixes=ignore, source=source, name=name)
+        sha = hashing.result()
     elif random_init:
         model = _create_timm(timm_name, {**kwargs, "pretrained": False})
         source, sha = RANDOM_WEIGHTS, RANDOM_WEIGHTS
     else:
         if hub_file is None or hub_tag is None:  # pragma: no cover - resolved above or raised
             raise WeightsError(f"No weights resolved for {name!r}.")
+        hashing = sha256_file_soon(hub_file)
         if timm_name.startswith("local-dir:"):
             model = _create_timm(timm_name, {**kwargs, "pretrained": True})
         else:
@@ -361,7 +372,7 @@ def _create_timm_id(
             if hub_file.suffix != ".npz":
                 overlay["custom_load"] = False
             model = _create_timm(timm_name, {**kwargs, "pretrained": True, "pretrained_cfg_overlay": overlay})
-        source, sha = f"hub:{hub_tag}", sha256_file(hub_file)
+        source, sha = f"hub:{hub_tag}", hashing.result()
 
     model = freeze(model).to(dev)
     pre = model_preprocessing(model)
