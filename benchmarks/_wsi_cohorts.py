@@ -100,7 +100,7 @@ def _tile_rgb(slide_path: Path, coords: np.ndarray, footprint_px: float) -> np.n
 
 def prepare(spec: CohortSpec, cache: Path, progress: bool = False) -> CohortData:
     """Build, extract and read one cohort (each step reused when its output is there)."""
-    from wsi_mil.config import ExtractConfig
+    from wsi_mil.config import ExtractConfig, extract_config_hash
     from wsi_mil.demo.cohort import build_sample_cohort
     from wsi_mil.runs.extract import run_extract
     from wsi_mil.store.bag_file import load_bag
@@ -108,7 +108,8 @@ def prepare(spec: CohortSpec, cache: Path, progress: bool = False) -> CohortData
 
     extract_cfg = ExtractConfig()
     key = hashlib.sha256(
-        json.dumps([asdict(spec), extract_cfg.model_dump(mode="json"), _code_digest()], sort_keys=True).encode()
+        # the config hash, not the whole config: keys that cannot change the features (devices, workers) stay out
+        json.dumps([asdict(spec), extract_config_hash(extract_cfg), _code_digest()], sort_keys=True).encode()
     ).hexdigest()[:12]
     arrays = cache / f"{spec.tag}_{key}.npz"
     if arrays.is_file():
