@@ -2,7 +2,9 @@
 
 Shared by ``tiles``, ``extract`` and ``heatmap``: slide discovery (folder, glob, CSV, list), the
 duplicate-id check, deterministic sharding, per-slide locks and records, the manifest, interruption
-handling and the run summary.
+handling and the run summary. One module because each of these is a rule every batch command must apply
+the same way (which slides, which process takes each, what a record and a signal mean); apart, a command
+could take one rule and miss its neighbour.
 """
 
 from __future__ import annotations
