@@ -15,8 +15,10 @@ the run used:
   cosine similarity of the run's features to these per tile (same coords), minimum and mean.
 - ``util CSV --run RUN``: GPU utilisation and memory sampled by ``nvidia-smi -lms`` during the step,
   summarised over the run's batch phase (from ``run.json``) and over the whole step.
-- ``env``: torch, CUDA, the GPU and its driver; ``summary RESULTS``: ``gpu_check.json`` and ``gpu_check.txt``
-  from what the other commands and ``gpu_check.sh`` wrote into ``RESULTS``.
+- ``env``: torch, CUDA, the GPU and its driver, and the versions of torch, timm and wsi-mil's other
+  dependencies that ran beside what ``constraints.txt`` pins (a lent GPU machine runs its own torch);
+  ``summary RESULTS``: ``gpu_check.json`` and ``gpu_check.txt`` from what the other commands and
+  ``gpu_check.sh`` wrote into ``RESULTS``.
 
 Every command writes JSON (``--json FILE``, else stdout).
 """
@@ -168,7 +170,8 @@ def reference(run_dir: Path, slides: Path, out_dir: Path) -> dict[str, Any]:
     ref_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "wsi_mil", "-q", "extract", str(slides), "--out", str(out_dir), "--config", str(ref_cfg)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keeps a site folder
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath})
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     result = cosine_per_tile(run_dir, out_dir)
@@ -206,6 +209,50 @@ def util(csv_path: Path, run_dir: Path | None) -> dict[str, Any]:
 
 
 # --- environment and summary --------------------------------------------------------------------------------
+#: distributions whose versions a GPU check records: the ones that compute first, then the rest of wsi-mil's
+PACKAGES = (
+    "torch", "torchvision", "timm", "numpy", "safetensors", "huggingface-hub", "h5py", "opencv-python-headless",
+    "scikit-image", "scikit-learn", "scipy", "pillow", "tifffile", "imagecodecs", "openslide-python",
+    "openslide-bin", "tiffslide", "zarr", "pydantic", "pydantic-core", "typing-extensions", "pyyaml", "click",
+    "matplotlib", "tqdm",
+)  # fmt: skip
+
+
+def _canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def package_versions(names: tuple[str, ...] = PACKAGES, constraints: Path = ROOT / "constraints.txt") -> dict[str, Any]:
+    """``{name: {"version": installed or None, "pinned": constraints.txt's version or None}}``."""
+    from importlib import metadata
+
+    pinned: dict[str, str] = {}
+    if constraints.exists():
+        for line in constraints.read_text().splitlines():
+            name, sep, version = line.split("#", 1)[0].strip().partition("==")
+            if sep:
+                pinned[_canonical(name)] = version.strip()
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            version: str | None = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = None
+        out[name] = {"version": version, "pinned": pinned.get(_canonical(name))}
+    return out
+
+
+def versions_line(packages: dict[str, Any]) -> str:
+    """torch, torchvision and timm always, then every other package not at its pinned version."""
+    parts = []
+    for name, v in packages.items():
+        differs = v["version"] is None or (v["pinned"] and v["version"].split("+")[0] != v["pinned"])
+        if name in ("torch", "torchvision", "timm") or differs:
+            pin = f" (constraints.txt: {v['pinned']})" if v["pinned"] and differs else ""
+            parts.append(f"{name} {v['version'] or 'missing'}{pin}")
+    return ", ".join(parts)
+
+
 def env(device: str) -> dict[str, Any]:
     import torch
 
@@ -213,7 +260,8 @@ def env(device: str) -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count(), "requested_device": device,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": platform.processor() or platform.machine(), "executable": sys.executable,
+        "packages": package_versions(),
     }  # fmt: skip
     if torch.cuda.is_available():
         out.update(
@@ -246,12 +294,27 @@ def summary(results: Path) -> dict[str, Any]:
     e = data["env"] or {}
     lines.append(f"device: {e.get('gpu') or e.get('cpu')}; driver/nvidia-smi: {e.get('nvidia_smi', '-')}; torch "
                  f"{e.get('torch')} (CUDA {e.get('torch_cuda')}, archs {','.join(e.get('arch_list', []) or ['-'])})")  # fmt: skip
+    if e.get("packages"):
+        lines.append(f"ran with: {versions_line(e['packages'])}")
+    if meta.get("python_from"):
+        wheels = f"; {meta['wheels']} wheels from .whl installed" if meta.get("wheels") else ""
+        lines.append(f"python: {e.get('executable') or meta.get('python')} ({meta['python_from']}{wheels}); "
+                     f"PYTHONPATH {meta.get('pythonpath', '-')}")  # fmt: skip
     lines += ["", "steps (seconds, status):"]
     total = 0.0
     for s in steps:
         total += float(s["seconds"] or 0)
         lines.append(f"  {s['step']:<16} {float(s['seconds'] or 0):7.1f} s  {s['status']}{' (' + s['note'] + ')' if s['note'] else ''}")
     lines.append(f"  {'all steps':<16} {total:7.1f} s (budget {meta.get('budget_s', '?')} s)")
+    pip_check = next((s for s in steps if s["step"] == "pip_check"), None)
+    if pip_check and pip_check["status"] != "ok":
+        try:
+            found = (results / "logs" / "pip_check.log").read_text().splitlines()
+        except OSError:
+            found = []
+        data["pip_check"] = found
+        lines += ["", f"pip check of the image with the wheels ({len(found)} lines, logs/pip_check.log):"]
+        lines += [f"  {x}" for x in found[:12]] + (["  ..."] if len(found) > 12 else [])
     for key in ("cnn", "vit"):
         label = f"{meta.get(key, key)} ({'weights: ' + str(meta.get(key + '_weights', '?'))})"
         fig = {"alone": _load(results / f"alone_{key}.json"), "cosine": _load(results / f"cosine_{key}.json"),

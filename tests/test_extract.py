@@ -145,9 +145,9 @@ def test_features_align_with_the_pixels_at_their_coords(cohort: list[Path], refe
         assert np.abs(feats[pick] - wrong).max() > 1e-2  # the test can tell a misaligned row
 
 
-@pytest.mark.parametrize("workers", [2, -1], ids=["2 loader processes", "auto: a reading thread"])
+@pytest.mark.parametrize("workers", [2, -1], ids=["2 tile-reading processes for the run", "auto: a reading thread"])
 def test_loaders_give_the_same_features(cohort: list[Path], reference: Path, tmp_path: Path, workers: int) -> None:
-    """0 workers (the reference), 2 loader processes and the CPU default (a reading thread, slides prepared ahead)."""
+    """0 workers (the reference), 2 processes of the run-long reader pool, and the CPU default (a reading thread)."""
     summary = run_extract(cohort, tmp_path, fast_config(workers=workers), progress=False)
     assert summary.exit_code == 0 and summary.counts["done"] == 4
     assert_same_features(reference, tmp_path, IDS, atol=1e-5)
