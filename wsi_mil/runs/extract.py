@@ -406,6 +406,10 @@ def run_extract(
     # (about a second); imported here it does not hold up the first slide.
     import skimage.measure  # noqa: F401
 
+    # h5py too: imported lazily by the bag writer, an import cut by Ctrl-C or SIGTERM leaves it half-initialised
+    # (KeyError '__reduce_cython__' at the next import), which would turn an interrupted run's exit 130 into 1
+    import h5py  # noqa: F401
+
     t0 = time.perf_counter()
     n_threads = resolve_threads(threads) if device.type == "cpu" else None
     with contextlib.ExitStack() as stack:
