@@ -403,12 +403,11 @@ def run_extract(
         }
 
     # Start-up, like loading the model: the tissue stage's outline tracer pulls in scikit-image/SciPy
-    # (about a second); imported here it does not hold up the first slide.
-    import skimage.measure  # noqa: F401
-
-    # h5py too: imported lazily by the bag writer, an import cut by Ctrl-C or SIGTERM leaves it half-initialised
-    # (KeyError '__reduce_cython__' at the next import), which would turn an interrupted run's exit 130 into 1
+    # (about a second); imported here it does not hold up the first slide. h5py too: the bag writer imports it
+    # lazily, and an import cut by Ctrl-C or SIGTERM leaves it half-initialised (KeyError '__reduce_cython__'
+    # at the next import), which would turn an interrupted run's exit 130 into 1.
     import h5py  # noqa: F401
+    import skimage.measure  # noqa: F401
 
     t0 = time.perf_counter()
     n_threads = resolve_threads(threads) if device.type == "cpu" else None
