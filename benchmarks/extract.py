@@ -291,20 +291,21 @@ def main(argv: list[str] | None = None) -> None:
             say(f"   {name:<52} {r['tiles_per_s']:6.1f} tiles/s = {r['tiles_per_s'] / fast_enc:.3f} of the encoder alone; "
                 f"waiting for tiles {r['read_s']:.1f} s, model {r['model_s']:.1f} s")  # fmt: skip
     say()
-    rss = rss_run(args, slides)
-    say(f"3. memory over a {rss['n']}-slide run (default fast path, {rss['tiles']} tiles, {rss['tiles_per_s']:.1f} tiles/s):")
-    say(f"   RSS after slide 1: {rss['rss'][0]:.0f} MB, after slide {rss['n']}: {rss['rss'][-1]:.0f} MB "
-        f"(min {min(rss['rss']):.0f}, max {max(rss['rss']):.0f}); peak RSS after slide 1: {rss['peak'][0]:.0f} MB, "
-        f"after slide {rss['n']}: {rss['peak'][-1]:.0f} MB")  # fmt: skip
-    say("   RSS by slide (MB): " + " ".join(f"{v:.0f}" for v in rss["rss"]))
-    if rss["n"] >= 20:
-        import numpy as np
+    if args.rss_slides > 0:  # 0: no memory run
+        rss = rss_run(args, slides)
+        say(f"3. memory over a {rss['n']}-slide run (default fast path, {rss['tiles']} tiles, {rss['tiles_per_s']:.1f} tiles/s):")
+        say(f"   RSS after slide 1: {rss['rss'][0]:.0f} MB, after slide {rss['n']}: {rss['rss'][-1]:.0f} MB "
+            f"(min {min(rss['rss']):.0f}, max {max(rss['rss']):.0f}); peak RSS after slide 1: {rss['peak'][0]:.0f} MB, "
+            f"after slide {rss['n']}: {rss['peak'][-1]:.0f} MB")  # fmt: skip
+        say("   RSS by slide (MB): " + " ".join(f"{v:.0f}" for v in rss["rss"]))
+        if rss["n"] >= 20:
+            import numpy as np
 
-        warm = 20  # allocator pools and kernels for each batch shape are made over the first slides
-        slope = float(np.polyfit(np.arange(warm, rss["n"]), rss["rss"][warm:], 1)[0])
-        say(f"   after the first {warm} slides (warm-up): RSS {rss['rss'][warm - 1]:.0f} MB after slide {warm}, "
-            f"{rss['rss'][-1]:.0f} MB after slide {rss['n']}; trend over slides {warm + 1}-{rss['n']}: "
-            f"{slope:+.2f} MB per slide (flat: |trend| < 1 MB per slide)")  # fmt: skip
+            warm = 20  # allocator pools and kernels for each batch shape are made over the first slides
+            slope = float(np.polyfit(np.arange(warm, rss["n"]), rss["rss"][warm:], 1)[0])
+            say(f"   after the first {warm} slides (warm-up): RSS {rss['rss'][warm - 1]:.0f} MB after slide {warm}, "
+                f"{rss['rss'][-1]:.0f} MB after slide {rss['n']}; trend over slides {warm + 1}-{rss['n']}: "
+                f"{slope:+.2f} MB per slide (flat: |trend| < 1 MB per slide)")  # fmt: skip
     say()
     load1 = os.getloadavg()
     say(f"{time.perf_counter() - t_start:.0f} s in all; load average at the end {load1[0]:.1f} "
