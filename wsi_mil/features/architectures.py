@@ -30,6 +30,7 @@ from torch import nn
 
 from wsi_mil.errors import ConfigError
 from wsi_mil.features.presets import EncoderPreset
+from wsi_mil.features.timm_import import import_timm
 from wsi_mil.features.weights import (
     convert_efficientnet_lite0_state_dict,
     efficientnet_lite0_package_file,
@@ -58,6 +59,7 @@ def _layer(value: Any) -> Any:
     """Layers named in presets (so the table stays plain data) -> the classes timm expects."""
     if not isinstance(value, str):
         return value
+    import_timm()  # first: timm without torch._dynamo (timm_import)
     from timm.layers import Mlp, SwiGLUPacked
 
     layers: dict[str, Any] = {"swiglu_packed": SwiGLUPacked, "mlp": Mlp, "silu": nn.SiLU, "gelu": nn.GELU}
@@ -88,7 +90,7 @@ def timm_kwargs(preset: EncoderPreset, depth: int | None = None) -> dict[str, An
 
 def build_trunk(preset: EncoderPreset, *, depth: int | None = None, device: str | torch.device | None = None) -> nn.Module:
     """The preset's timm model with random weights (on ``device``; ``"meta"`` allocates nothing)."""
-    import timm
+    timm = import_timm()
 
     kwargs = timm_kwargs(preset, depth)
     try:
@@ -142,7 +144,7 @@ def lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_classe
     Built on the meta device (the names and shapes the conversion needs, no memory, no random
     initialisation), then given the file's tensors: one model built, none initialised.
     """
-    import timm
+    timm = import_timm()
 
     with torch.device("meta"):
         model: nn.Module = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
@@ -344,10 +346,12 @@ def convert_layout(sd: Mapping[str, torch.Tensor], trunk: nn.Module) -> tuple[di
     if layout == "transformers":
         return _from_transformers(sd), layout
     if layout == "dinov2":
+        import_timm()  # first: timm without torch._dynamo (timm_import)
         from timm.models.vision_transformer import _convert_dinov2
 
         return _convert_dinov2(dict(sd), trunk), layout  # type: ignore[arg-type]
     if layout == "swin_v1":
+        import_timm()  # first: timm without torch._dynamo (timm_import)
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         return dict(checkpoint_filter_fn(dict(sd), trunk)), layout

@@ -49,6 +49,7 @@ from wsi_mil.features.architectures import (
 from wsi_mil.features.hub import resolve_hf_hub_snapshot, resolve_preset_weights, resolve_timm_hub_weights
 from wsi_mil.features.presets import EncoderPreset, get_preset, is_preset, list_presets
 from wsi_mil.features.runtime import Precision, autocast_context, resolve_device
+from wsi_mil.features.timm_import import import_timm
 from wsi_mil.features.transforms import (
     TileTransform,
     model_preprocessing,
@@ -84,7 +85,7 @@ def list_encoders(include_timm: bool = False) -> list[str]:
     """Preset names; with ``include_timm`` also every timm model id with pretrained weights."""
     names = [p.name for p in list_presets()]
     if include_timm:
-        import timm
+        timm = import_timm()
 
         names += [m for m in timm.list_models(pretrained=True) if m not in names]
     return names
@@ -95,7 +96,7 @@ def _check_timm_name(name: str) -> None:
         if len(name) == len(HF_HUB_PREFIX):
             raise ConfigError("Encoder 'hf-hub:' needs a repo id, e.g. 'hf-hub:timm/resnet50.tv_in1k'.")
         return
-    import timm
+    timm = import_timm()
 
     if not timm.is_model(name.split(".", 1)[0]):
         raise ConfigError(
@@ -162,7 +163,7 @@ class Encoder:
 
 def encoder_identity(encoder: Encoder) -> dict[str, Any]:
     """What a feature file must record about the encoder that made it (JSON-serialisable)."""
-    import timm
+    timm = import_timm()
 
     pre = encoder.transform
     return {
@@ -207,7 +208,7 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 
 
 def _create_timm(timm_name: str, kwargs: dict[str, Any]) -> nn.Module:
-    import timm
+    timm = import_timm()
 
     try:
         model: nn.Module = timm.create_model(timm_name, **kwargs)

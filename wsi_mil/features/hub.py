@@ -25,6 +25,7 @@ from pathlib import Path
 
 from wsi_mil.errors import WeightsError
 from wsi_mil.features.presets import EncoderPreset
+from wsi_mil.features.timm_import import import_timm
 from wsi_mil.features.weights import WEIGHT_FILE_NAMES, weights_remedies
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ def resolve_timm_hub_weights(timm_name: str, *, name: str | None = None) -> HubW
 
     Uses timm's pretrained config (``hf_hub_id``, else the legacy ``url`` in torch's hub cache).
     """
+    import_timm()  # first: timm without torch._dynamo (timm_import)
     import timm.models
 
     label = name or timm_name

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from wsi_mil.errors import ConfigError
+from wsi_mil.features.timm_import import import_timm
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class TileTransform:
 def model_preprocessing(model: nn.Module) -> dict[str, Any]:
     """The preprocessing timm configures for ``model``, as feature files record it (input size,
     interpolation, mean, std; tiles are resized whole, never cropped)."""
+    import_timm()  # first: timm without torch._dynamo (timm_import)
     import timm.data
 
     cfg = timm.data.resolve_data_config({}, model=model)

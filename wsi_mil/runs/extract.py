@@ -67,6 +67,7 @@ from wsi_mil.features.stream import (
     read_batches,
     series_batches,
 )
+from wsi_mil.features.timm_import import import_timm
 from wsi_mil.runs.prepare import SlideOpener, prepare_slide
 from wsi_mil.runs.slide_loop import BatchSummary, run_batch, sigterm_as_interrupt
 from wsi_mil.slide import choose_reader, reader_versions
@@ -128,7 +129,7 @@ class _ModelClock:
 # --- the run --------------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     import h5py
-    import timm
+    timm = import_timm()
 
     out = {
         "wsi_mil": __version__,
