@@ -74,7 +74,15 @@ _DEFAULTS_CHOSEN = (
     "no benchmark builds an ObjectiveSettings (each passes lambda and omega to mil_loss itself); the cell "
     "wsi_ablation share 0.03 la_l1_w0 recomputed under the new code equals the stored one in every figure"
 )
+_STANDARDIZATION = (
+    "the opt-in standardize_features of wsi_mil.mil (create_model pops it; the model and the trainer act only "
+    "when it is set) and wsi_ablation's standardised methods (new cells of their own); no earlier method sets it. "
+    "The cell wsi_ablation share 0.03 la_l1_w0 recomputed under the new code equals the stored one in every figure"
+)
 EQUIVALENT_CODE: dict[str, tuple[str, str]] = {
+    "ab6f6e5879afff5c": ("7a48b4dc02a5a2e4", _STANDARDIZATION),  # wsi_ablation
+    "c2351606df940e57": ("6b33f459bc55d798", _STANDARDIZATION),  # paper_classic_mil
+    "381140d8908883ea": ("42649ec49ad7edeb", _STANDARDIZATION),  # paper_mnist_bags
     "7a48b4dc02a5a2e4": ("66b14b5c0ae2ac6c", _DEFAULTS_CHOSEN),  # wsi_ablation
     "6b33f459bc55d798": ("603be706060e547e", _DEFAULTS_CHOSEN),  # paper_classic_mil
     "42649ec49ad7edeb": ("bbfa76ffd6987bea", _DEFAULTS_CHOSEN),  # paper_mnist_bags

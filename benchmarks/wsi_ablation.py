@@ -80,6 +80,13 @@ def methods(lambdas: tuple[float, ...] = LAMBDAS, omegas: tuple[float, ...] = OM
     return grid + [Method(name, model, kwargs) for name, (model, kwargs) in BASELINES.items()]
 
 
+STD = {"standardize_features": True}
+#: the chosen loss_attention and the baselines again, on features z-scored with each replica's training-part
+#: tile mean and s.d. (as ``wsi-mil train --standardize-features`` does per fold); ``--standardized``
+STANDARDIZED = (Method("la_l1_w0_std", "loss_attention", STD, 1.0, 0.0), Method("abmil_std", "abmil", STD),
+                Method("mean_std", "mean", STD), Method("max_std", "max", STD))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Settings:
     """Cross-validation (seeds x folds), then the model and optimiser of every method."""
@@ -121,11 +128,14 @@ def run_cell(data: CohortData, method: Method, settings: Settings) -> dict[str, 
     split = [_splits(data, settings, seed) for seed in range(seeds)]
     part = np.concatenate([p for p, _ in split])  # [R, n_bags], replica r = seed * folds + fold
     train_mask = torch.from_numpy(part == 0)
+    # the lock-step engine takes no buffers: standardisation is applied to each replica's input here instead
+    kwargs = {k: v for k, v in method.kwargs.items() if k != "standardize_features"}
+    scaling = _training_statistics(data, part == 0) if method.kwargs.get("standardize_features") else None
     models = []
     for r in range(n_rep):
         torch.manual_seed(1000 * (r // folds) + r % folds)
         models.append(create_model(method.model, data.features.shape[1], 2, hidden_dims=settings.hidden_dims,
-                                   dropout=settings.dropout, **method.kwargs))  # fmt: skip
+                                   dropout=settings.dropout, **kwargs))  # fmt: skip
     engine = LockstepReplicas(models, lr=settings.lr, weight_decay=settings.weight_decay)
     ensembles = [
         TemporalEnsemble(settings.ema_beta, method.consistency_max, settings.rampup_epochs) for _ in range(n_rep)
@@ -141,7 +151,10 @@ def run_cell(data: CohortData, method: Method, settings: Settings) -> dict[str, 
             if not bool(active.any()):
                 continue
             x = features[data.bag(i)]
-            out = engine.forward(x, shared_input=True, train=True)
+            if scaling is None:
+                out = engine.forward(x, shared_input=True, train=True)
+            else:
+                out = engine.forward((x - scaling[0]) / scaling[1], shared_input=False, train=True)
             target = valid = None
             if use_l3 and weight > 0:
                 known = [ensembles[r].target(str(i)) for r in range(n_rep)]
@@ -163,12 +176,31 @@ def run_cell(data: CohortData, method: Method, settings: Settings) -> dict[str, 
     tile_p: list[np.ndarray] = []
     with torch.no_grad():
         for i in range(data.n_bags):
-            out = engine.forward(features[data.bag(i)], shared_input=True, train=False)
+            x = features[data.bag(i)]
+            if scaling is None:
+                out = engine.forward(x, shared_input=True, train=False)
+            else:
+                out = engine.forward((x - scaling[0]) / scaling[1], shared_input=False, train=False)
             bag_p[:, i] = out.bag_logits.softmax(-1)[:, 1].numpy()
             att.append(out.attention.numpy())
             assert out.instance_logits is not None
             tile_p.append(out.instance_logits.softmax(-1)[..., 1].numpy())
     return _figures(data, split, bag_p, att, tile_p, settings)
+
+
+def _training_statistics(data: CohortData, train: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[R, 1, d]`` mean and s.d. of the tiles of each replica's training part (``train [R, n_bags]``),
+    as ``MILModel.fit_feature_standardization`` computes them (float64, population s.d., a constant feature
+    only centred)."""
+    tile_slide = np.repeat(np.arange(data.n_bags), np.diff(data.offsets))
+    means, sds = [], []
+    for rows in train:
+        h = data.features[rows[tile_slide]].astype(np.float64)
+        mean, sd = h.mean(0), h.std(0)
+        means.append(mean)
+        sds.append(np.where(sd > 1e-6 * np.maximum(np.abs(mean), 1.0), sd, 1.0))
+    return (torch.from_numpy(np.stack(means)).float().unsqueeze(1),
+            torch.from_numpy(np.stack(sds)).float().unsqueeze(1))  # fmt: skip
 
 
 def _figures(data: CohortData, split: list[tuple[np.ndarray, np.ndarray]], bag_p: np.ndarray, att: list[np.ndarray],
@@ -255,6 +287,15 @@ def format_report(results: dict[tuple[float, str], dict[str, list[float]]], colo
             lines.append(f"{m.name + mark:<16}" + "".join(f"{cell(results[(s, m.name)][metric]):>16}" for s in shares))
         lines.append("")
     lines.append(f"* chosen on validation: {chosen.name} (lambda {chosen.recall_weight:g}, omega_max {chosen.consistency_max:g})")
+    names = {m.name for m in all_methods}
+    pairs = [(m.name.removesuffix("_std"), m.name) for m in all_methods if m.name.endswith("_std")]
+    if pairs:
+        lines += ["", "== standardised features (z-scored with each training part's tile mean and s.d.) vs raw: "
+                  "validation slide AUC averaged over the cohorts (the selection rule)"]  # fmt: skip
+        for raw, std in pairs:
+            if raw in names:
+                v = [float(np.nanmean([np.nanmean(results[(s, n)]["val_auc"]) for s in shares])) for n in (raw, std)]
+                lines.append(f"{raw:<16} raw {v[0]:.4f}   standardised {v[1]:.4f}   ({v[1] - v[0]:+.4f})")
     return "\n".join(lines)
 
 
@@ -279,17 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         shares, settings = (0.1, 0.03), Settings(seeds=2, folds=3, epochs=3)
         specs = {s: CohortSpec(s, n_slides=12, scale=0.3) for s in shares}
         grid = methods((0.0, 0.5), (0.0, 1.0))
+        extra = list(STANDARDIZED[:1])
     else:
         shares, settings = SHARES, Settings()
         specs = {s: CohortSpec(s) for s in shares}
         grid = methods()
+        extra = list(STANDARDIZED)
     cells = _cells.folder(args)
     data = {s: prepare(specs[s], args.cache) for s in shares}
     print(f"[{time.perf_counter() - t0:6.0f} s] cohorts ready", file=sys.stderr, flush=True)
     colour = {s: colour_baseline(data[s], settings) for s in shares}
     results: dict[tuple[float, str], dict[str, list[float]]] = {}
     for s in shares:
-        for m in grid:
+        for m in grid + extra:
             key = _cells.cell_key(Path(__file__), f"{specs[s].tag}-{m.name}", specs[s], m, settings)
             hit = _cells.load(cells, key)
             if hit is None:
@@ -306,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"wsi_ablation: {len(shares)} cohorts x {len(grid)} methods, {settings.seeds} seeds x {settings.folds} "
               f"folds, {settings.epochs} epochs, {specs[shares[0]].n_slides} slides, lesions '{specs[shares[0]].lesion_kind}'; "
               f"{time.perf_counter() - t0:.0f} s wall, {args.threads} threads, {os.cpu_count()} CPUs seen")  # fmt: skip
-    report = format_report(results, colour, shares, grid, chosen, realised, header)
+    report = format_report(results, colour, shares, grid + extra, chosen, realised, header)
     print(report)
     if args.output:
         args.output.write_text(report + "\n")

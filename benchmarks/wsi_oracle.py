@@ -29,7 +29,7 @@ import wsi_ablation as W  # noqa: E402
 from _wsi_cohorts import CohortSpec, prepare  # noqa: E402
 
 CACHE = W.REPO / "benchmarks" / "results" / "wsi_cohorts"
-CURVE_METHODS = ("la_l1_w0", "la_l0_w0", "la_l0.5_w5", "abmil", "abmil_gated", "max", "mean")
+CURVE_METHODS = ("la_l1_w0", "la_l0_w0", "la_l0.5_w5", "abmil", "abmil_gated", "max", "mean", "la_l1_w0_std", "abmil_std")
 
 
 def oracle(data: W.CohortData, seeds: int = 3) -> tuple[float, float]:
@@ -82,10 +82,10 @@ def curves(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    settings, grid = W.Settings(), {m.name: m for m in W.methods()}
+    settings, grid = W.Settings(), {m.name: m for m in (*W.methods(), *W.STANDARDIZED)}
     realised = {0.10: 0.128, 0.03: 0.046, 0.01: 0.020, 0.005: 0.012}  # from the ablation's report
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for name in CURVE_METHODS:
+    for i, name in enumerate(CURVE_METHODS):
         rows = []
         for share in W.SHARES:
             spec = CohortSpec(share)
@@ -100,8 +100,9 @@ def curves(out: Path) -> None:
                 continue
             mean = [np.nanmean(c[metric]) for c in rows]
             se = [np.nanstd(c[metric], ddof=1) / np.sqrt(len(c[metric])) for c in rows]
-            ax.errorbar(x, mean, yerr=se, marker="o", capsize=3, label=name.replace("la_l", "loss-att. λ").replace("_w", ", ω "),
-                        linewidth=2.5 if name == "la_l1_w0" else 1.2)  # fmt: skip
+            label = name.replace("la_l", "loss-att. λ").replace("_w", ", ω ").replace("_std", ", standardised")
+            ax.errorbar(x, mean, yerr=se, marker="o", capsize=3, label=label, linewidth=2.5 if name == "la_l1_w0" else 1.2,
+                        linestyle="--" if name.endswith("_std") else "-", color=f"C{i}")  # fmt: skip
     for ax, title in zip(axes, ("out-of-fold slide AUC", "localisation AUC, attention", "localisation AUC, tile P(tumour)"), strict=True):
         ax.set_xscale("log")
         ax.minorticks_off()

@@ -35,6 +35,7 @@ __all__ = ["predict", "train"]
 @click.option("--epochs", type=int, default=None, help="Maximum epochs per fold (default 50; early stopping on validation).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default 2e-4).")
 @click.option("--max-instances", type=int, default=None, help="Tiles read per training bag and step (default: all).")
+@click.option("--standardize-features", is_flag=True, default=None, help="Z-score each feature with the mean and s.d. of each fold's training tiles; they are kept in the checkpoint and predict and heatmap apply them (default off).")
 @click.option("--seed", type=int, default=None, help="Seed of splits, initialisation and order (default 0).")
 @device_option()
 @label_column_options(case_col_help="Case/patient column (default case_id; absent: one case per slide).")
@@ -53,6 +54,7 @@ def train(
     epochs: int | None,
     lr: float | None,
     max_instances: int | None,
+    standardize_features: bool | None,
     seed: int | None,
     device: str | None,
     id_col: str | None,
@@ -81,6 +83,7 @@ def train(
                 "training.epochs": epochs,
                 "training.lr": lr,
                 "training.max_instances": max_instances,
+                "model.standardize_features": standardize_features,
                 "training.device": device,
                 "seed": seed,
                 **label_column_overrides(id_col, label_col, case_col),

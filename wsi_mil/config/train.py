@@ -57,6 +57,10 @@ class ModelConfig(StrictModel):
     name: str = "loss_attention"
     hidden_dims: list[int] = Field(default_factory=lambda: [512])
     dropout: float = Field(0.25, ge=0.0, lt=1.0)
+    standardize_features: bool = Field(
+        False, description="z-score each feature with the mean and s.d. of each fold's training tiles (kept "
+        "in the checkpoint; predict and heatmap apply them)"
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="extra model arguments, e.g. abmil: {attention_dim: 128, gated: true}"
     )

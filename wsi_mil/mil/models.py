@@ -32,12 +32,16 @@ Models (see ``list_models()``):
 
 For the baselines the bag classifier is also applied to each instance embedding, so every model has
 per-instance logits (``softmax(instance_logits)`` is the tile's own class probability on heatmaps).
+
+Feature standardisation (``create_model(..., standardize_features=True)``, any model) z-scores each input
+feature first, ``(h - mean) / sd``. Both are buffers: they travel in the checkpoint, so predict and heatmap
+apply them. The trainer fits them on the tiles of its training bags only (``fit_feature_standardization``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -105,10 +109,7 @@ def _upcast(t: Tensor) -> Tensor:
 
 def _linear_float32(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)`` with autocast off and ``x`` cast up to float32: float32 for the (float32) parameters.
-
-    The layer is called as a module (not as ``F.linear`` on its weight), so a swapped-in linear layer,
-    e.g. the benchmarks' stacked replicas, keeps working.
-    """
+    Called as a module (not ``F.linear``), so a swapped-in layer (the benchmarks' replicas) keeps working."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _upcast(layer(_upcast(x)))
 
@@ -168,6 +169,9 @@ class MILModel(nn.Module):
             )
         if x.shape[-2] == 0:
             raise InputError("a bag has no instances; drop empty bags before training or inference.")
+        if self.standardizes_features:
+            mean, sd = self.get_buffer("feature_mean"), self.get_buffer("feature_std")
+            x = ((x.float() - mean) / sd).to(x.dtype)
         single = x.dim() == 2
         if mask is not None:
             if mask.shape != x.shape[:-1]:
@@ -184,6 +188,38 @@ class MILModel(nn.Module):
 
     def _forward_batch(self, x: Tensor, mask: Tensor | None) -> MILOutput:  # pragma: no cover
         raise NotImplementedError
+
+    @property
+    def standardizes_features(self) -> bool:  # created with standardize_features=True
+        return bool(self.hparams.get("standardize_features", False))
+
+    def add_feature_standardization(self) -> None:
+        """Z-score the inputs with buffers ``feature_mean``, ``feature_std`` (0, 1 until fitted or loaded)."""
+        self.register_buffer("feature_mean", torch.zeros(self.in_dim))
+        self.register_buffer("feature_std", torch.ones(self.in_dim))
+        self.hparams["standardize_features"] = True
+
+    def fit_feature_standardization(self, bags: Iterable[Tensor]) -> int:
+        """Set mean and s.d. to those of every tile (row) of ``bags`` (each ``[n, d]``; float64, merged bag by
+        bag); a feature with s.d. under 1e-6 of its scale is only centred. Returns the number of tiles."""
+        if not self.standardizes_features:
+            raise ConfigError("the model does not standardise features; create it with standardize_features=True")
+        count, mean = 0, torch.zeros(self.in_dim, dtype=torch.float64)
+        m2 = torch.zeros_like(mean)
+        for bag in bags:
+            h = bag.detach().to("cpu", torch.float64)
+            n, bag_mean = h.shape[0], h.mean(0)
+            delta = bag_mean - mean
+            m2 += ((h - bag_mean) ** 2).sum(0) + delta**2 * count * n / (count + n)
+            mean += delta * n / (count + n)
+            count += n
+        if count == 0:
+            raise InputError("no tiles to fit the feature standardisation on: the training bags are empty")
+        sd = (m2 / count).sqrt()
+        sd = torch.where(sd > 1e-6 * mean.abs().clamp(min=1.0), sd, torch.ones_like(sd))
+        self.get_buffer("feature_mean").copy_(mean.float())
+        self.get_buffer("feature_std").copy_(sd.float())
+        return count
 
 
 _REGISTRY: dict[str, type[MILModel]] = {}
@@ -209,6 +245,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> MILModel:
     """Build a registered MIL model; ``create_model(**model.hparams)`` rebuilds a model.
+    ``standardize_features=True`` (any model) z-scores the inputs (see the module docstring).
 
     Raises:
         ConfigError: unknown name (the message lists the known ones) or invalid arguments.
@@ -217,10 +254,16 @@ def create_model(name: str, in_dim: int, n_classes: int, **kwargs: Any) -> MILMo
         cls = _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown MIL model {name!r}; choose one of: {', '.join(list_models())}") from None
+    standardize = kwargs.pop("standardize_features", False)
+    if not isinstance(standardize, bool):
+        raise ConfigError(f"standardize_features must be true or false, got {standardize!r}")
     try:
-        return cls(in_dim=in_dim, n_classes=n_classes, **kwargs)
+        model = cls(in_dim=in_dim, n_classes=n_classes, **kwargs)
     except TypeError as exc:  # unexpected keyword
         raise ConfigError(f"invalid arguments for MIL model {name!r}: {exc}") from exc
+    if standardize:
+        model.add_feature_standardization()
+    return model
 
 
 def _check_dropout(dropout: float) -> float:

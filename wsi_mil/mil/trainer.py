@@ -9,8 +9,7 @@ Usage (what ``wsi-mil train`` does with lazily loaded bags)::
     result = trainer.fit(train_bags, val_bags)       # restores the best validation state
     predictions = trainer.predict(test_bags)         # bag probs, attention, tile probs per bag
 
-The library never prints: it logs to ``logging.getLogger(__name__)`` and calls
-:class:`TrainerCallback` hooks, which is where a CLI puts progress bars and history files.
+The library never prints: it logs and calls :class:`TrainerCallback` hooks (a CLI's progress bars, files).
 
 Mini-batches: with ``batch_size = B > 1`` bags are zero-padded to the longest bag with a mask; the
 padded instances get attention 0 and add nothing to any loss term, so the batch loss and its gradient
@@ -186,11 +185,9 @@ class FitResult:
 
 @dataclass(frozen=True)
 class BagPrediction:
-    """Per-bag outputs for reports and heatmaps (NumPy, CPU).
-
-    ``bag_probabilities [K]``; ``attention [n]`` (sums to 1); ``instance_probabilities [n, K]``
-    (softmax of each tile's own logits) or ``None``; ``tile_index [n]`` as in the input bag.
-    """
+    """Per-bag outputs for reports and heatmaps (NumPy, CPU): ``bag_probabilities [K]``; ``attention [n]``
+    (sums to 1); ``instance_probabilities [n, K]`` (softmax of each tile's own logits) or ``None``;
+    ``tile_index [n]`` as in the input bag."""
 
     key: str
     label: int | None
@@ -309,6 +306,9 @@ class Trainer:
         if not self._seeded and self.epoch == 0:
             torch.manual_seed(cfg.seed)  # dropout and any other global-RNG draw during training
             self._seeded = True
+        if self.model.standardizes_features and self.epoch == 0:  # training bags only, before any step
+            n_tiles = self.model.fit_feature_standardization(train[i].features for i in range(len(train)))
+            logger.info("features standardised on the %d tiles of %d training bags", n_tiles, len(train))
         previous_deterministic = torch.are_deterministic_algorithms_enabled()
         if cfg.deterministic:
             if self.device.type == "cuda" and not os.environ.get("CUBLAS_WORKSPACE_CONFIG"):

@@ -306,6 +306,8 @@ def run_train(
 
     device = resolve_device(cfg.training.device)
     model_kwargs: dict[str, Any] = {"hidden_dims": tuple(cfg.model.hidden_dims), "dropout": cfg.model.dropout}
+    if cfg.model.standardize_features:
+        model_kwargs["standardize_features"] = True
     model_kwargs.update(cfg.model.options)
     n_tiles = {s: infos[s].n_tiles for s in usable}
 
