@@ -271,7 +271,8 @@ def report(args: argparse.Namespace, wm: list[dict[str, Any]], clam: dict[str, l
     """The table and ratios (medians over runs)."""
     lines = [f"{'':<44}{'runs':>5}{'wall s':>9}{'tiles':>7}{'tiles/s':>9}{'in slide':>10}{'start-up s':>12}",
              "   (tiles/s: tiles / whole wall time; in slide: tiles / the slide's feature phase)"]  # fmt: skip
-    rows = [(f"wsi-mil (bf16, batch {args.batch_size}, THP)", wm, "startup_s")]
+    precision = wm[0].get("precision", "?")
+    rows = [(f"wsi-mil ({precision}, batch {args.batch_size}, THP)", wm, "startup_s")]
     rows += [(f"CLAM ({name}, batch {args.clam_batch_size}, fp32)", runs, "outside_timers_s") for name, runs in clam.items() if runs]
     for name, runs, startup in rows:
         lines.append(f"{name:<44}{len(runs):>5}{med(runs, 'wall_s'):>9.1f}{med(runs, 'tiles'):>7.0f}"
@@ -284,7 +285,7 @@ def report(args: argparse.Namespace, wm: list[dict[str, Any]], clam: dict[str, l
             lines.append(f"wsi-mil vs CLAM ({name}): {w_tps / c_tps:.2f}x the tiles/s, {c_wall / w_wall:.2f}x less wall time "
                          f"for the slide ({w_wall:.1f} vs {c_wall:.1f} s; tiles {med(wm, 'tiles'):.0f} vs {med(runs, 'tiles'):.0f})")  # fmt: skip
     e = statistics.median(enc)
-    lines.append(f"wsi-mil in slide / encoder alone (same batch, bf16, channels_last, threads, THP): "
+    lines.append(f"wsi-mil in slide / encoder alone (same batch, {precision}, channels_last, threads, THP): "
                  f"{med(wm, 'in_slide_tiles_per_s'):.1f} / {e:.1f} = {med(wm, 'in_slide_tiles_per_s') / e:.3f} (target >= 0.95)")  # fmt: skip
     lines.append(f"wsi-mil start-up (wall less the batch phase: interpreter, imports, model, exit): {med(wm, 'startup_s'):.1f} s "
                  f"= {med(wm, 'startup_s') / w_wall:.0%} of the wall time (target <= 3 s); tissue, QC and grid "

@@ -129,14 +129,14 @@ def test_wsi_mil_figures_come_from_its_run_json_and_manifest(tmp_path: Path) -> 
 def test_report_states_the_ratios_of_the_medians() -> None:
     args = clam_compare._parse([])
     wm = [{"wall_s": w, "tiles": 700, "wall_tiles_per_s": 700 / w, "in_slide_tiles_per_s": 45.0, "startup_s": 4.0,
-           "prepare_s": 1.0, "read_s": 0.5, "model_s": 14.0} for w in (20.0, 20.0, 30.0)]  # fmt: skip
+           "prepare_s": 1.0, "read_s": 0.5, "model_s": 14.0, "precision": "bf16"} for w in (20.0, 20.0, 30.0)]  # fmt: skip
     clam = {"default allocator": [{"wall_s": 100.0, "tiles": 875, "wall_tiles_per_s": 8.75, "in_slide_tiles_per_s": 10.0,
                                    "outside_timers_s": 10.0, "seg_s": 0.2, "patch_s": 0.3, "features_s": 87.5,
                                    "until_model_s": 4.0, "model_build_s": 0.5}], "THP": []}  # fmt: skip
     text = "\n".join(clam_compare.report(args, wm, clam, [50.0, 40.0, 60.0], enc_clam=12.5))
     assert "wsi-mil vs CLAM (default allocator): 4.00x the tiles/s, 5.00x less wall time" in text
     assert "vs CLAM (THP)" not in text  # no run: no ratio
-    assert "45.0 / 50.0 = 0.900" in text and "4.0 s = 20% of the wall time" in text
+    assert "wsi-mil (bf16, batch 8, THP)" in text and "45.0 / 50.0 = 0.900" in text and "4.0 s = 20% of the wall time" in text
     assert "CLAM feature loop / encoder alone" in text and ": 0.800;" in text and "about 18 s of its 88 s feature loop" in text
 
 
