@@ -6,7 +6,7 @@ median time since the interpreter started:
 
     cli          the click command line imported (``wsi-mil --help`` costs this)
     torch        ``wsi_mil.runs.extract`` imported, which imports torch
-    timm         timm imported (with torchvision, which imports ``torch._dynamo``)
+    timm         timm imported (with torchvision; ``torch._dynamo`` too unless the checkout has ``import_timm``)
     encoder      the encoder built and its weights loaded and hashed
     batch loop   the slide loop started (config written, loader chosen)
     slide ready  the first slide opened, its tissue found, its grid laid
@@ -56,8 +56,12 @@ def _child(argv: list[str]) -> None:
     create = fe.create_encoder
 
     def create_encoder(*a: Any, **k: Any) -> Any:
-        import timm  # noqa: F401
-
+        try:  # the way the checkout imports timm (import_timm: without torch._dynamo)
+            from wsi_mil.features.timm_import import import_timm
+        except ImportError:
+            import timm  # noqa: F401
+        else:
+            import_timm()
         mark("timm")
         enc = create(*a, **k)
         mark("encoder")

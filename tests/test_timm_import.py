@@ -81,3 +81,19 @@ def test_import_timm_when_torch_dynamo_is_already_imported_is_plain_import():
         "print(json.dumps({'same': sys.modules['torch._dynamo.utils'] is real, 'timm': timm.__name__}))\n"
     )
     assert got == {"same": True, "timm": "timm"}
+
+
+def test_building_the_default_encoder_imports_no_torch_dynamo_and_leaves_nn_init_as_it_was():
+    got = _run(
+        "import json, sys, torch\n"
+        "from torch import nn\n"
+        "before = {n: getattr(nn.init, n) for n in dir(nn.init)}\n"
+        "from wsi_mil.features.encoders import create_encoder\n"
+        "enc = create_encoder('tf_efficientnet_lite0')\n"
+        "with torch.no_grad():\n"
+        "    f = enc.model(torch.rand(1, 3, 224, 224))\n"
+        "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'dim': f.shape[-1],\n"
+        "                  'init_same': all(getattr(nn.init, n) is v for n, v in before.items()),\n"
+        "                  'meta': any(p.is_meta for p in enc.model.parameters())}))\n"
+    )
+    assert got == {"dynamo": False, "dim": 1280, "init_same": True, "meta": False}

@@ -19,9 +19,10 @@ timm offers it; :func:`uses_fused_attention` reports it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -146,7 +147,7 @@ def lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_classe
     """
     timm = import_timm()
 
-    with torch.device("meta"):
+    with torch.device("meta"), _initialisers_skipped():
         model: nn.Module = timm.create_model("tf_efficientnet_lite0.in1k", pretrained=False)
     converted = convert_efficientnet_lite0_state_dict(sd, model.state_dict(), source=source)
     if num_classes == 0:
@@ -155,6 +156,24 @@ def lite0_from_lukemelas(sd: Mapping[str, torch.Tensor], source: str, num_classe
         model, converted, ignore_prefixes=("classifier.",), source=source, name="tf_efficientnet_lite0"
     )
     return freeze(model)
+
+
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    """``torch.nn.init``'s in-place initialisers do nothing: on the meta device they have no values to set, and
+    their meta implementations import ``torch._dynamo`` (about 1 s of start-up, see ``timm_import``)."""
+    saved = {name: getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")}
+
+    def skip(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    for name in saved:
+        setattr(nn.init, name, skip)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def truncate_resnet_after_layer3(model: nn.Module) -> nn.Module:
