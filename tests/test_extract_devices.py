@@ -205,7 +205,10 @@ def test_ctrl_c_stops_every_device_process_and_exits_130(cohort: list[Path], tmp
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert "interrupted: rerun the same command to resume" in stdout
-    assert manifest(out)[slide]["status"] == "interrupted"
+    # The frozen process was writing this slide's bag. It stops inside it (interrupted), unless it was frozen
+    # at the very end of the write: then the rename comes before the signal is handled (done, the bag in place).
+    status = manifest(out)[slide]["status"]
+    assert status == "interrupted" or (status == "done" and (out / "features" / f"{slide}.h5").is_file()), status
     assert temp_files(out / "features") == []
     run = json.loads((out / "run.json").read_text())
     assert run["interrupted"] is True and run["crashed"] == []
