@@ -19,13 +19,7 @@ from wsi_mil.errors import ConfigError
 from wsi_mil.mil import Bag, InMemoryBagDataset, Trainer, TrainerConfig, create_model
 from wsi_mil.store.checkpoint import load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bags(rng: np.random.Generator, n_bags: int, dim: int, loc: float, scale: float) -> list[np.ndarray]:

@@ -11,14 +11,7 @@ import torch
 from wsi_mil.errors import ConfigError, InputError
 from wsi_mil.mil import MILOutput, TemporalEnsemble, consistency_ramp, create_model, mil_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is fastest, and much faster on a shared, busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- a tiny example computed by hand (plain Python math, no torch) ---------------------------------

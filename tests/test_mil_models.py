@@ -8,14 +8,7 @@ import torch
 from wsi_mil.errors import ConfigError, InputError
 from wsi_mil.mil import LossAttentionMIL, MILOutput, create_model, list_models
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is fastest, and much faster on a shared, busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ALL_MODELS = [

@@ -19,13 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from _lockstep import LockstepReplicas  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _train_each_alone(

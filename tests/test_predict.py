@@ -21,13 +21,7 @@ from wsi_mil.runs.train import run_train
 from wsi_mil.store.bag_file import FeatureSpec
 from wsi_mil.store.checkpoint import load_checkpoint, save_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ from wsi_mil.runs.train import run_train
 FAST = ["--epochs", "12", "--lr", "0.005", "--device", "cpu", "--folds", "3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fast_config(tmp_path, **training):
