@@ -108,14 +108,12 @@ def child(out_json: Path, argv: list[str]) -> None:
 
     clock = _Clock()
     info: dict[str, Any] = {}
-    create = fe.create_encoder
+    chosen = fe.Encoder.inference_model
 
-    def create_encoder(*a: Any, **k: Any) -> Any:
-        enc = create(*a, **k)
-        enc.model = _Timed(enc.model, clock)
-        return enc
+    def inference_model(self: Any, *a: Any, **k: Any) -> Any:
+        return _Timed(chosen(self, *a, **k), clock)  # the model extract runs (fused for the CPU or not)
 
-    fe.create_encoder = create_encoder  # type: ignore[assignment]
+    fe.Encoder.inference_model = inference_model  # type: ignore[method-assign]
     TileTransform.__call__ = clock.wrap(TileTransform.__call__, "transform", label="wsi:transform")  # type: ignore[method-assign]
     BagWriter.append = clock.wrap(BagWriter.append, "write", label="wsi:write")  # type: ignore[method-assign]
     TileBatches.read_tiles = clock.wrap(TileBatches.read_tiles, "read_tiles", only_reader=True)  # type: ignore[method-assign]

@@ -114,10 +114,12 @@ def encoder_alone(run_dir: Path, n_tiles: int, min_seconds: float) -> dict[str, 
     tiles = torch.from_numpy(rng.integers(0, 256, (batch, px, px, 3), dtype=np.uint8))
     if dev.type == "cuda":
         tiles = tiles.pin_memory()
+    # the model the run encoded with (a config from before cpu_fusion existed ran the eager model)
+    model = enc.inference_model(precision, batch, cpu_fusion=bool(cfg.get("cpu_fusion", False)))
 
     def step() -> None:
         with torch.inference_mode(), autocast_context(dev, precision):
-            enc.model(enc.transform(tiles, device=dev)).float().cpu()  # the copy back synchronises
+            model(enc.transform(tiles, device=dev)).float().cpu()  # the copy back synchronises
 
     for _ in range(3):
         step()

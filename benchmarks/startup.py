@@ -8,6 +8,8 @@ median time since the interpreter started:
     torch        ``wsi_mil.runs.extract`` imported, which imports torch
     timm         timm imported (with torchvision; ``torch._dynamo`` too unless the checkout has ``import_timm``)
     encoder      the encoder built and its weights loaded and hashed
+    model ready  the model extract runs made (on the CPU a CNN's convolutions fused with batch norm,
+                 ReLU and add: ``Encoder.inference_model``; ``-`` for a checkout from before it)
     batch loop   the slide loop started (config written, loader chosen)
     slide ready  the first slide opened, its tissue found, its grid laid
     first batch  the first batch of tiles encoded (the child process ends there: what follows is
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("cli", "torch", "timm", "encoder", "batch loop", "slide ready", "first batch")
+PHASES = ("cli", "torch", "timm", "encoder", "model ready", "batch loop", "slide ready", "first batch")
 
 
 def _child(argv: list[str]) -> None:
@@ -65,8 +67,19 @@ def _child(argv: list[str]) -> None:
         mark("timm")
         enc = create(*a, **k)
         mark("encoder")
-        enc.model = _FirstCall(enc.model, lambda: _finish(mark, marks))
+        if not hasattr(enc, "inference_model"):  # a checkout from before it: extract ran enc.model
+            enc.model = _FirstCall(enc.model, lambda: _finish(mark, marks))
         return enc
+
+    if hasattr(fe.Encoder, "inference_model"):  # the model extract runs (fused for the CPU or not)
+        chosen = fe.Encoder.inference_model
+
+        def inference_model(self: Any, *a: Any, **k: Any) -> Any:
+            model = chosen(self, *a, **k)
+            mark("model ready")
+            return _FirstCall(model, lambda: _finish(mark, marks))
+
+        fe.Encoder.inference_model = inference_model
 
     fe.create_encoder = create_encoder
     for name, phase in (("run_batch", "batch loop"), ("prepare_slide", "slide ready")):
@@ -170,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for name in repos:
             at = [r[phase] for r in runs[name] if phase in r]
-            took = [r[phase] - (r[PHASES[i - 1]] if i else 0.0) for r in runs[name] if phase in r and (i == 0 or PHASES[i - 1] in r)]
+            took = [r[phase] - max([0.0] + [r[p] for p in PHASES[:i] if p in r]) for r in runs[name] if phase in r]
             cells.append((f"{statistics.median(at):>20.2f} s" if at else f"{'-':>22}")
                          + (f"{statistics.median(took):>6.2f} s" if took else f"{'-':>8}"))  # fmt: skip
         lines.append(f"{phase:<14}" + "".join(cells))

@@ -97,3 +97,18 @@ def test_building_the_default_encoder_imports_no_torch_dynamo_and_leaves_nn_init
         "                  'meta': any(p.is_meta for p in enc.model.parameters())}))\n"
     )
     assert got == {"dynamo": False, "dim": 1280, "init_same": True, "meta": False}
+
+
+def test_fusing_a_resnet_for_the_cpu_imports_neither_torch_dynamo_nor_sympy():
+    """The CPU fusion runs at every ``extract`` start-up: torch.fx's ShapeProp would import sympy (0.3 s)."""
+    got = _run(
+        "import json, sys, torch\n"
+        "from wsi_mil.features.encoders import create_encoder\n"
+        "enc = create_encoder('resnet18', random_init=True)\n"
+        "model = enc.inference_model('fp32', 4)\n"
+        "with torch.inference_mode():\n"
+        "    f = model(torch.rand(2, 3, 224, 224))\n"
+        "print(json.dumps({'fused': type(model).__name__, 'dim': f.shape[-1],\n"
+        "                  'dynamo': 'torch._dynamo' in sys.modules, 'sympy': 'sympy' in sys.modules}))\n"
+    )
+    assert got == {"fused": "CpuFusedModel", "dim": 512, "dynamo": False, "sympy": False}

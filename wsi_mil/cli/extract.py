@@ -36,6 +36,7 @@ from wsi_mil.cli.common import (
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None, help="auto: the encoder preset's default (`wsi-mil encoders --json`): bf16 where the hardware has it, else fp32; EfficientNet-Lite0 stays fp32 on CPU.")
 @click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None)
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the encoder.")
+@click.option("--cpu-fusion/--no-cpu-fusion", default=None, help="On the CPU, fuse a CNN encoder's convolutions with their batch norm, ReLU and residual add (default on; features change by rounding only).")
 @click.option("--skip-unreadable-tiles", is_flag=True, default=None, help="Skip and count corrupt tiles instead of failing the slide.")
 @click.option("--shard", default=None, help="I/N: process shard I of N (default from SLURM_ARRAY_TASK_ID / JOB_COMPLETION_INDEX).")
 @click.option("--no-claims", is_flag=True, help="Take no per-slide flock claims (for file systems without flock); every process writing to OUT must then be given other slides (--shard, a Slurm array, a Kubernetes indexed job, --devices).")
@@ -58,6 +59,7 @@ def extract(
     precision: str | None,
     feature_dtype: str | None,
     compile_: bool | None,
+    cpu_fusion: bool | None,
     skip_unreadable_tiles: bool | None,
     shard: str | None,
     no_claims: bool,
@@ -94,6 +96,7 @@ def extract(
                 "precision": precision,
                 "feature_dtype": feature_dtype,
                 "compile": compile_,
+                "cpu_fusion": cpu_fusion,
                 "skip_unreadable_tiles": skip_unreadable_tiles,
                 **slide_overrides(backend, mpp_override, mpp_override_csv),
             },

@@ -91,6 +91,10 @@ class ExtractConfig(StrictModel):
     workers: int = Field(-1, ge=-1, le=64, description="-1: choose from the CPU count")
     channels_last: bool = True
     compile: bool = False
+    cpu_fusion: bool = Field(
+        True, description="on the CPU, run a CNN encoder's convolutions fused with their batch norm, ReLU and "
+        "residual add (oneDNN, weights packed once; features change by rounding only)",
+    )
     feature_dtype: Literal["float32", "float16"] = "float32"
     skip_unreadable_tiles: bool = False
     thumbnail_px: int = Field(1024, ge=64, le=8192)

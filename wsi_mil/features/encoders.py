@@ -148,17 +148,23 @@ class Encoder:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of an already transformed float batch ``[B, 3, h, w]`` -> ``[B, feature_dim]``."""
-        out: torch.Tensor = self.model(batch)
-        return out
+        return self.model(batch)  # type: ignore[no-any-return]
+
+    def inference_model(self, precision: Precision, batch_size: int, cpu_fusion: bool = True) -> nn.Module:
+        """The module extraction runs (under :func:`autocast_context`): :attr:`model`, or with ``cpu_fusion``
+        a CNN on the CPU fused by :func:`wsi_mil.features.cpu_fusion.fused_or_model` where it can be."""
+        if not (cpu_fusion and self.is_cnn and self.device.type == "cpu"):
+            return self.model
+        from wsi_mil.features.cpu_fusion import fused_or_model
+
+        return fused_or_model(self.model, self.name, precision, (3, *self.transform.input_size), batch_size)
 
     def encode(
         self, tiles: np.ndarray | torch.Tensor | Sequence[np.ndarray], precision: Precision = "fp32"
     ) -> torch.Tensor:
         """Transform uint8 tiles and run the model under inference mode -> float32 ``[B, feature_dim]``."""
         with torch.inference_mode(), autocast_context(self.device, precision):
-            x = self.transform(tiles, device=self.device)
-            feats = self.model(x)
-        return feats.float()
+            return self.model(self.transform(tiles, device=self.device)).float()  # type: ignore[no-any-return]
 
 
 def encoder_identity(encoder: Encoder) -> dict[str, Any]:

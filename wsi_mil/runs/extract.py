@@ -247,9 +247,8 @@ def run_extract(
         _override_preprocessing(encoder, cfg)
     if cfg.channels_last:
         encoder.set_channels_last(True)
-    model: Any = encoder.model
-    if cfg.compile:
-        model = torch.compile(model)
+    batch = int(cfg.batch_size or 1)
+    model: Any = torch.compile(encoder.model) if cfg.compile else encoder.inference_model(precision, batch, cfg.cpu_fusion)
     identity = encoder_identity(encoder)
     if cfg.random_init:
         identity["random_init_seed"] = RANDOM_INIT_SEED
