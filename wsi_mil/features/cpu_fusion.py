@@ -4,17 +4,21 @@ On the CPU, a ResNet's forward under eager PyTorch is convolutions (oneDNN) plus
 every activation for batch norm, ReLU and the residual add, and under bf16 autocast a cast of every
 weight on every call. :func:`fuse_for_cpu` removes those passes, as ``torch.compile``'s CPU backend does
 with freezing, but without dynamo's import and a compile per process: it traces the frozen model with
-``torch.fx``, folds each batch norm into the convolution before it (``torch.nn.utils.fusion``), and replaces each convolution, with the ReLU and residual add that follow it, by one call of oneDNN's
-fused convolution (``torch.ops.mkldnn._convolution_pointwise``, the kernel inductor's CPU backend emits)
-whose weights are cast to the run's precision and reordered into oneDNN's layout once, at build time.
+``torch.fx``, folds each batch norm into the convolution before it (``torch.nn.utils.fusion``), and
+replaces each convolution, with the ReLU and residual add that follow it, by one call of oneDNN's fused
+convolution (``torch.ops.mkldnn._convolution_pointwise``, the kernel inductor's CPU backend emits) whose
+weights are cast to the run's precision and reordered into oneDNN's layout once, at build time (0.13 s
+for ``resnet50_trunc``).
 
-Measured with ``benchmarks/encoder_speed.py``: ``resnet50_trunc`` (CLAM's encoder), 2 CPU cores, batch 8,
-channels_last: bf16 about 1.2x and fp32 about 1.25x the tiles/s of eager (figures in the README).
+Measured on 2 CPU cores (README, "Measured performance"): ``resnet50_trunc`` (CLAM's encoder) in bf16
+encodes 1.15x the tiles per second of the eager model inside a whole slide (``clam_compare.py``'s slide,
+interleaved runs), and its convolutions then run about as fast as this CPU multiplies large bf16
+matrices.
 
 The features change only by rounding (a folded batch norm is rounded once, with the weights): the fused
 model is checked against the eager one on a test input when it is built, and is not used when they
-disagree. It is only built where it fuses something: a model with no batch norm to fold (EfficientNet-Lite0,
-whose timm blocks norm and activate in one module, the transformers) keeps its eager forward, and so its
+disagree. It is only built where it fuses something: a model torch.fx cannot trace or with no batch norm to
+fold (EfficientNet-Lite0, which is both; the transformers) keeps its eager forward, and so its
 features exactly. Feature files do not record the fusion, as they do not record the batch size: both
 change the features by rounding only.
 """
