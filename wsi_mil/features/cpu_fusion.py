@@ -136,8 +136,8 @@ def fuse_for_cpu(
         input_size: ``(channels, height, width)`` of the transformed tiles.
         batch_size: the batch the weights' layout is chosen for (other batch sizes work too).
     """
-    if not available(dtype) or model.training or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        return None
+    if not available(dtype) or model.training or not any(type(m) is nn.BatchNorm2d for m in model.modules()):
+        return None  # nothing to fold (timm's BatchNormAct2d, as in Lite0, is not folded): no trace at all
     example = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
     example = example.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
